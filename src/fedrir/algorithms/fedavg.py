@@ -1,0 +1,17 @@
+"""FedAvg: McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of
+Deep Networks from Decentralized Data", AISTATS 2017.
+
+The whole model travels (parameters and BatchNorm buffers); the server takes the sample-weighted
+mean; clients are evaluated with the global model. Only the optimizer state stays on the client.
+"""
+
+from __future__ import annotations
+
+from fedrir.algorithms.supervised import Supervised
+
+
+class FedAvg(Supervised):
+    """Everything shared, nothing personal."""
+
+    name = "fedavg"
+    shared = ("body.", "head.")

@@ -1,0 +1,17 @@
+"""FedPer: Arivazhagan, Aggarwal, Singh, Choudhary. "Federated Learning with Personalization
+Layers", arXiv:1912.00818, 2019.
+
+The body (the GFE-architecture encoder, with its BatchNorm buffers) is shared and averaged; the
+linear head is personal. Body and head are trained together with one optimizer.
+"""
+
+from __future__ import annotations
+
+from fedrir.algorithms.supervised import Supervised
+
+
+class FedPer(Supervised):
+    """Shared body, personal head, trained jointly."""
+
+    name = "fedper"
+    shared = ("body.",)

@@ -1,0 +1,17 @@
+"""LG-FedAvg: Liang, Liu, Ziyin, Allen, Auerbach, Brent, Salakhutdinov, Morency. "Think Locally,
+Act Globally: Federated Learning with Local and Global Representations", arXiv:2001.01523, 2020.
+
+The global layers (the linear head) are shared and averaged; the local representation (the body,
+with its BatchNorm layers) stays on the client. Trained jointly with one optimizer.
+"""
+
+from __future__ import annotations
+
+from fedrir.algorithms.supervised import Supervised
+
+
+class LGFedAvg(Supervised):
+    """Personal body, shared head."""
+
+    name = "lgfedavg"
+    shared = ("head.",)

@@ -1,0 +1,16 @@
+"""Local training only: every client trains its own model and nothing is communicated.
+
+The lower bound of personalization: it shows what a client can learn from its own data alone.
+Uploads and broadcasts are empty; the whole model and its optimizer state stay on the client.
+"""
+
+from __future__ import annotations
+
+from fedrir.algorithms.supervised import Supervised
+
+
+class Local(Supervised):
+    """No communication; each client's model is initialised from its own seed."""
+
+    name = "local"
+    shared = ()

@@ -1,0 +1,256 @@
+"""What the supervised baselines share: the model, the workspace, and the train and test loops.
+
+Every baseline trains FedRIR's GFE architecture (:class:`~fedrir.models.cnn.Encoder`) followed by a
+linear head, so that the comparison with FedRIR is about the algorithm, not the network. The
+baselines differ only in
+
+- which workspace keys travel: ``shared`` (key prefixes uploaded and averaged; BatchNorm buffers
+  included, so a shared body carries its running statistics), refined by ``_upload_keys`` and
+  ``_server_keys`` where a prefix is not enough (FedBN, FedBABU);
+- which optimizers step which parameters (``_param_groups``; each optimizer's state persists per
+  client across rounds, as in FedRIR);
+- the local training (``_local_train``) and the prediction (``_predict``).
+
+Client state: ``model/<key>`` for every workspace key the server does not hold (the personal part)
+and ``opt_<group>/<param>/<entry>`` for the optimizer states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrir.algorithms.base import (
+    Algorithm,
+    Evaluation,
+    Payload,
+    Runtime,
+    State,
+    Task,
+    Update,
+    batches,
+    load_module_state,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_state,
+    seeded_init,
+    weighted_mean,
+)
+from fedrir.config import Config
+from fedrir.data.types import ClientData
+from fedrir.models.cnn import Encoder, InputShape
+
+EVAL_BATCH = 1000
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""One optimisation step on a batch ``(x, y)``; returns the (detached) loss and logits."""
+
+
+class Classifier(nn.Module):
+    """``body`` (the GFE architecture, ``[B, C, H, W] → [B, d]``), then a linear ``head``."""
+
+    def __init__(self, input_shape: InputShape, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = Encoder(input_shape, embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def proximal_term(
+    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], weight: float
+) -> torch.Tensor:
+    """(weight / 2) · Σ ‖p − a‖²: FedProx's pull towards the global model, and Ditto's."""
+    squares = [((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]
+    return weight / 2 * torch.stack(squares).sum()
+
+
+class Supervised(Algorithm):
+    """A baseline on a :class:`Classifier` workspace (see the module docstring)."""
+
+    shared: ClassVar[tuple[str, ...]]
+    """Prefixes of the workspace keys that are uploaded and averaged."""
+    fine_tune: ClassVar[bool] = False
+    """Fine-tune the whole model for ``ft_epochs`` before testing (fresh optimizer, state kept)."""
+
+    def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
+        super().__init__(config, task, runtime)
+        self.modules = runtime.prepare(self._build())
+        self.params = dict(self.modules.named_parameters())
+        self.names = {p: n for n, p in self.params.items()}
+        self.optimizers = {
+            name: make_optimizer(config, params) for name, params in self._param_groups().items()
+        }
+        self.opt_ft = make_optimizer(config, self.modules.parameters()) if self.fine_tune else None
+        self.upload_keys = self._upload_keys()
+        self.server_keys = self._server_keys()
+        self.private_keys = frozenset(self.modules.state_dict()) - self.server_keys
+
+    # --- what each baseline says --------------------------------------------------------------
+
+    def _build(self) -> nn.Module:
+        return self._classifier()
+
+    def _classifier(self) -> Classifier:
+        return Classifier(self.task.input_shape, self.config.train.embed_dim, self.task.num_classes)
+
+    def _param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"local": list(self.modules.parameters())}
+
+    def _per_module(self, *names: str) -> dict[str, list[nn.Parameter]]:
+        """One parameter group (so one optimizer) per named submodule."""
+        return {name: list(self.modules.get_submodule(name).parameters()) for name in names}
+
+    def _upload_keys(self) -> frozenset[str]:
+        return frozenset(k for k in self.modules.state_dict() if k.startswith(self.shared))
+
+    def _server_keys(self) -> frozenset[str]:
+        """What the server holds and broadcasts: by default exactly what is uploaded."""
+        return self.upload_keys
+
+    def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
+        step = self._step(self.optimizers["local"], self.modules)
+        return self._fit(data, rng, self.config.train.local_epochs, step)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.modules(x)
+
+    # --- state in and out of the workspace ----------------------------------------------------
+
+    def _tensors(self, keys: Collection[str], prefix: str = "") -> State:
+        return {
+            f"{prefix}{k}": v.detach().clone(memory_format=torch.contiguous_format)
+            for k, v in self.modules.state_dict().items()
+            if k in keys
+        }
+
+    def _load(self, payload: Payload, state: State) -> None:
+        load_module_state(
+            self.modules, {**state, **{f"model/{k}": v for k, v in payload.items()}}, "model/"
+        )
+        for name, opt in self.optimizers.items():
+            load_optimizer_state(opt, self.params, state, f"opt_{name}/")
+
+    def _save(self) -> State:
+        state = self._tensors(self.private_keys, "model/")
+        for name, opt in self.optimizers.items():
+            state |= optimizer_state(opt, self.names, f"opt_{name}/")
+        return state
+
+    # --- the contract -------------------------------------------------------------------------
+
+    def init_server(self, seed: int) -> Payload:
+        model = seeded_init(seed, self._build)
+        return {
+            k: v.detach().clone() for k, v in model.state_dict().items() if k in self.server_keys
+        }
+
+    def init_client(self, client_id: int, seed: int) -> State:
+        model = seeded_init(seed, self._build)
+        return {
+            f"model/{k}": v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k in self.private_keys
+        }
+
+    def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
+        """Sample-weighted mean of the uploads; what the server holds but nobody uploads stays."""
+        if not updates:
+            return server
+        return server | weighted_mean([(p, float(n)) for p, n in updates])
+
+    def parameter_counts(self) -> dict[str, int]:
+        shared = sum(p.numel() for n, p in self.params.items() if n in self.server_keys)
+        return {"shared": shared, "private": sum(p.numel() for p in self.params.values()) - shared}
+
+    def local_update(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
+    ) -> Update:
+        self._load(payload, state)
+        self.modules.train()
+        metrics = self._local_train(data, rng)
+        return Update(self._tensors(self.upload_keys), data.num_train, self._save(), metrics)
+
+    def evaluate(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
+    ) -> Evaluation:
+        self._load(payload, state)  # the workspace is a copy: fine-tuning it leaves `state` alone
+        epochs = self.config.baselines.ft_epochs
+        if self.opt_ft is not None and epochs:
+            self.opt_ft.state.clear()
+            self.modules.train()
+            self._fit(data, rng, epochs, self._step(self.opt_ft, self.modules))
+        self.modules.eval()
+        dev = self.runtime.device
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        loss_sum = torch.zeros((), device=dev)
+        with torch.no_grad(), self.runtime.autocast():
+            for start in range(0, data.num_test, EVAL_BATCH):
+                x = self._input(data.test_x[start : start + EVAL_BATCH])
+                y = data.test_y[start : start + EVAL_BATCH]
+                logits = self._predict(x).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(dim=1) == y).sum()
+        return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
+
+    # --- training loops -----------------------------------------------------------------------
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else x
+
+    def _step(
+        self,
+        opt: torch.optim.Optimizer,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        penalty: Callable[[], torch.Tensor] | None = None,
+    ) -> Step:
+        """A step minimising ``loss_fn(forward(x), y) [+ penalty()]`` with ``opt``."""
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.runtime.autocast():
+                logits = forward(x).float()
+            loss = loss_fn(logits, y)
+            total = loss if penalty is None else loss + penalty()
+            self.modules.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            return loss.detach(), logits.detach()
+
+        return step
+
+    def _fit(
+        self, data: ClientData, rng: torch.Generator, epochs: int, step: Step
+    ) -> dict[str, float]:
+        """``epochs`` shuffled passes (drop_last, as FedRIR) of ``step``; mean loss and accuracy."""
+        dev = self.runtime.device
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = steps = 0
+        for _ in range(epochs):
+            for idx in batches(data.num_train, self.config.train.batch_size, rng, drop_last=True):
+                y = data.train_y[idx]
+                loss, logits = step(self._input(data.train_x[idx]), y)
+                loss_sum += loss
+                correct += (logits.argmax(dim=1) == y).sum()
+                seen += len(y)
+                steps += 1
+        return {"train_loss": loss_sum.item() / steps, "train_accuracy": correct.item() / seen}
+
+
+class GlobalAndPersonal(Supervised):
+    """Two whole classifiers per client: ``global`` (travels, BatchNorm buffers included) and
+    ``personal`` (stays); each has its own optimizer. The base of Ditto and APFL."""
+
+    shared = ("global.",)
+
+    def _build(self) -> nn.Module:
+        return nn.ModuleDict({"global": self._classifier(), "personal": self._classifier()})
+
+    def _param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return self._per_module("global", "personal")

@@ -1,0 +1,205 @@
+"""The Python API: ``fedrir.run(config)`` and ``fedrir.resume(directory)``.
+
+A run directory holds ``config.toml`` (the resolved configuration), ``metrics.jsonl`` (one line per
+evaluated round), ``summary.json``, ``curves.png`` and ``checkpoint/`` (what ``resume`` needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedrir.algorithms import get_algorithm
+from fedrir.algorithms.base import Algorithm, Task
+from fedrir.config import Config, config_to_toml, load_config
+from fedrir.data.types import FederatedData
+from fedrir.engine.runtime import resolve_runtime
+from fedrir.errors import FedrirError
+from fedrir.results import (
+    RoundRecord,
+    append_metrics,
+    atomic_write,
+    plot_curves,
+    summarize,
+    write_metrics,
+)
+
+CONFIG, METRICS, SUMMARY, CURVES, CHECKPOINT = (
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+    "checkpoint",
+)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run returns: its summary, its per-round history, and where its files are."""
+
+    summary: dict[str, Any]
+    history: list[RoundRecord]
+    out_dir: Path | None
+
+
+def default_out_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{config.algorithm}-{config.data.dataset}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
+    """Resolve names, build the clients' data on the device, and the algorithm's workspace."""
+    from fedrir.data.federated import build_federated
+
+    algorithm_cls = get_algorithm(config.algorithm)  # fail on a bad name before loading data
+    runtime = resolve_runtime(config)
+    data = build_federated(config.data, config.seed, batch_size=config.train.batch_size)
+    data = dataclasses.replace(data, clients=tuple(c.to(runtime.device) for c in data.clients))
+    task = Task(input_shape=data.input_shape, num_classes=data.num_classes)
+    return algorithm_cls(config, task, runtime), data
+
+
+class Progress:
+    """A progress bar over rounds showing the latest accuracy and the time per round."""
+
+    def __init__(self, config: Config, start: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=config.rounds,
+            initial=start,
+            desc=f"{config.algorithm} on {config.data.dataset}",
+            unit="round",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self.accuracy: float | None = None
+
+    def __call__(self, record: RoundRecord | None, round_: int) -> None:
+        if record is not None:
+            self.accuracy = record.accuracy
+            self.bar.set_postfix(
+                acc=f"{100 * record.accuracy:.2f}%", s_per_round=f"{record.seconds:.1f}"
+            )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _execute(
+    config: Config,
+    out: Path | None,
+    progress: bool,
+    resuming: bool,
+    on_round: Callable[[RoundRecord | None, int], None] | None = None,
+) -> RunResult:
+    from fedrir.engine.checkpoint import Checkpointer, load_snapshot
+    from fedrir.engine.simulator import SimState, initial_state, simulate
+
+    wall = time.perf_counter()
+    algorithm, data = prepare(config)
+    checkpointer = None
+    snapshot = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG, config_to_toml(config))
+        if config.checkpoint_every:
+            checkpointer = Checkpointer(out / CHECKPOINT)
+        snapshot = load_snapshot(out / CHECKPOINT, data.num_clients) if resuming else None
+    state = (
+        SimState.from_snapshot(snapshot)
+        if snapshot is not None
+        else initial_state(algorithm, config, data.num_clients)
+    )
+    if out is not None:  # metrics.jsonl holds exactly the rounds the state has seen
+        write_metrics(out / METRICS, state.history)
+    bar = Progress(config, state.round, progress)
+
+    def after_round(record: RoundRecord | None, round_: int) -> None:
+        if record is not None and out is not None:
+            append_metrics(out / METRICS, record)
+        bar(record, round_)
+        if on_round is not None:
+            on_round(record, round_)
+
+    try:
+        state = simulate(
+            algorithm, config, data, state, checkpointer=checkpointer, on_round=after_round
+        )
+    finally:
+        bar.close()
+    summary = summarize(
+        state.history,
+        {
+            "algorithm": config.algorithm,
+            "dataset": config.data.dataset,
+            "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
+            "clients": data.num_clients,
+            "device": str(algorithm.runtime.device),
+            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
+            "parameters": algorithm.parameter_counts(),
+            "wall_seconds": time.perf_counter() - wall,
+        },
+    )
+    if out is not None:
+        atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        plot_curves(
+            {config.algorithm: [r.to_json() for r in state.history]},
+            out / CURVES,
+            title=f"{config.algorithm} on {config.data.dataset}, {data.num_clients} clients",
+        )
+    return RunResult(summary=summary, history=state.history, out_dir=out)
+
+
+def run(
+    config: Config,
+    out: str | Path | None = "auto",
+    *,
+    progress: bool = False,
+    on_round: Callable[[RoundRecord | None, int], None] | None = None,
+) -> RunResult:
+    """Run ``config`` from scratch. ``out="auto"`` makes a new folder under ``runs/``; ``None``
+    writes nothing (and cannot be resumed)."""
+    if config.engine == "flower":
+        from fedrir.flower.runner import run_flower
+
+        return run_flower(config, None if out is None else _new_out(config, out), progress=progress)
+    return _execute(
+        config, None if out is None else _new_out(config, out), progress, False, on_round
+    )
+
+
+def _new_out(config: Config, out: str | Path) -> Path:
+    path = default_out_dir(config) if out == "auto" else Path(out)
+    if (path / CONFIG).exists():
+        raise FedrirError(
+            f"{path} already holds a run; continue it with --resume {path}, or pick another --out"
+        )
+    return path
+
+
+def resume(out: str | Path, rounds: int | None = None, *, progress: bool = False) -> RunResult:
+    """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``)."""
+    path = Path(out)
+    if not (path / CONFIG).exists():
+        raise FedrirError(f"{path} holds no run to resume (no {CONFIG}); start one with fedrir run")
+    config = load_config(path / CONFIG)
+    if rounds is not None:
+        config = dataclasses.replace(config, rounds=rounds)
+    if config.engine == "flower":
+        raise FedrirError("runs on the flower engine cannot be resumed here; rerun them")
+    return _execute(config, path, progress, True, None)

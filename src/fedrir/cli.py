@@ -1,0 +1,159 @@
+"""The ``fedrir`` command: parse, build the config, call the API, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedrir.config import KEYS, Config, Key, load_config, with_overrides
+from fedrir.errors import FedrirError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[Key]) -> None:
+    """One flag per config key, named like the key; booleans get a ``--no-…`` form too."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with settings (flags override it)"
+    )
+    for key in keys:
+        default = key.field.default
+        kwargs: dict[str, Any] = {"dest": key.name, "default": argparse.SUPPRESS}
+        if key.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = f"[{key.dotted}] default: {'on' if default else 'off'}"
+        else:
+            kwargs["type"] = key.type
+            kwargs["metavar"] = key.type.__name__.upper()
+            kwargs["help"] = f"[{key.dotted}] default: {default!r}"
+        parser.add_argument(_flag(key.name), **kwargs)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config file (if any), then every flag given on the command line on top."""
+    base = load_config(args.config) if getattr(args, "config", None) else Config()
+    overrides = {name: getattr(args, name) for name in KEYS if hasattr(args, name)}
+    return with_overrides(base, overrides)
+
+
+def _data_keys() -> list[Key]:
+    return [k for k in KEYS.values() if k.section == "data"] + [KEYS["seed"], KEYS["batch_size"]]
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedrir.api import resume, run
+    from fedrir.results import format_summary
+
+    if args.resume:
+        given = [n for n in KEYS if hasattr(args, n) and n != "rounds"]
+        if given or args.config:
+            raise FedrirError(
+                "--resume continues a run with its saved config.toml; only --rounds may be "
+                f"changed (got: {', '.join(given) or '--config'})"
+            )
+        result = resume(args.resume, getattr(args, "rounds", None), progress=not args.quiet)
+    else:
+        config = build_config(args)
+        result = run(config, args.out or "auto", progress=not args.quiet)
+    print(format_summary(result.summary))
+    if result.out_dir is not None:
+        print(
+            f"results in {result.out_dir}/ (config.toml, metrics.jsonl, summary.json, curves.png)"
+        )
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fedrir.data.datasets import describe_datasets
+
+    rows = describe_datasets(build_config(args).data)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        mark = "available" if r["available"] else "not found"
+        print(f"{r['name']:<{width}}  {mark:<9}  {r['description']}")
+        if not r["available"]:
+            print(f"{'':<{width}}  {'':<9}  how to get it: {r['how_to_get']}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedrir.data.datasets import load_dataset
+    from fedrir.data.federated import make_partition
+    from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
+
+    config = build_config(args)
+    dataset = load_dataset(config.data, config.seed)
+    partition = make_partition(config.data, dataset, config.seed, config.train.batch_size)
+    summary = partition_summary(dataset, partition)
+    heatmap = Path(args.heatmap or f"partition-{config.data.dataset}-{config.data.partition}.png")
+    plot_partition_heatmap(summary, heatmap)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_partition_table(summary))
+        print(f"heatmap written to {heatmap}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedrir",
+        description="FedRIR personalized federated learning, its baselines, and Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train one algorithm (default: FedRIR on MNIST, dir α=0.1)")
+    _add_config_flags(p, list(KEYS.values()))
+    p.add_argument("--out", metavar="DIR", help="result folder (default: a new one under runs/)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("datasets", help="list datasets and whether each is available here")
+    _add_config_flags(p, _data_keys())
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_datasets)
+
+    p = sub.add_parser("partition", help="show how a dataset is split across clients")
+    _add_config_flags(p, _data_keys())
+    p.add_argument("--json", action="store_true", help="print the per-client numbers as JSON")
+    p.add_argument("--heatmap", metavar="PNG", help="where to write the labels × clients heatmap")
+    p.set_defaults(handler=cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    args = parser.parse_args(argv or ["run"])
+    if args.command is None:  # only global options given
+        args = parser.parse_args(["run", *argv])
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except FedrirError as e:
+        print(f"fedrir: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedrir: interrupted; continue with: fedrir run --resume DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Run configuration: frozen dataclasses, built once at the edge, validated in ``__post_init__``.
+
+A configuration is a top-level :class:`Config` (the run: algorithm, seed, rounds, engine, …) with
+one section per concern (``data``, ``train``, ``fedrir``, ``baselines``). In TOML the run keys stand
+at the top and each section is a table; on the command line every key is a flag of the same name
+(``--join-ratio``, ``--mask-ratio``); boolean keys also have a ``--no-…`` form. Field names are
+unique across sections so that a flag names exactly one key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedrir.errors import ConfigError
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {message}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is split across clients, and where it lives."""
+
+    dataset: str = "mnist"
+    """Dataset name (``fedrir datasets`` lists them)."""
+    partition: str = "dir"
+    """``iid``, ``pat`` (classes per client), ``dir`` (Dirichlet α), ``exdir`` or ``natural``."""
+    clients: int = 20
+    alpha: float = 0.1
+    """Dirichlet concentration for ``dir`` and ``exdir``; smaller is more skewed."""
+    classes_per_client: int = 0
+    """Classes per client for ``pat`` and ``exdir``; 0 picks 2 for 10 classes, 10 for 100."""
+    train_ratio: float = 0.75
+    """Share of each client's samples in its local training set (the rest is its test set)."""
+    val_ratio: float = 0.0
+    """When > 0, carve this share of each client's training set as a validation set and evaluate on
+    it instead of the test set: for choosing hyper-parameters without touching test data."""
+    fraction: float = 1.0
+    """Stratified, seeded subset of the pooled dataset, for quick runs."""
+    data_dir: str = ""
+    """Root folder of local dataset copies; empty means each dataset's default location."""
+    cache_dir: str = ""
+    """Where partitions are cached; empty means ``~/.cache/fedrir``."""
+    download: bool = False
+    """Download a dataset that is not found locally (from its official location, checksummed)."""
+    allow_pickle: bool = False
+    """Allow formats that need unpickling (CIFAR python format, PFLlib npz): trusted files only."""
+
+    def __post_init__(self) -> None:
+        _check(self.clients >= 1, "clients", "need at least 1 client")
+        _check(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "must be a positive number")
+        _check(self.classes_per_client >= 0, "classes_per_client", "must be >= 0 (0 = automatic)")
+        _check(0 < self.train_ratio < 1, "train_ratio", "must be strictly between 0 and 1")
+        _check(0 <= self.val_ratio < 1, "val_ratio", "must be in [0, 1)")
+        _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings shared by every algorithm."""
+
+    lr: float = 5e-4
+    batch_size: int = 100
+    local_epochs: int = 1
+    optimizer: str = "adam"
+    """``adam`` or ``sgd`` (plain SGD, momentum 0)."""
+    embed_dim: int = 512
+    """Width of the feature the shared backbone outputs (FedRIR's d)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", "must be positive")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
+        _one_of(self.optimizer, "optimizer", ("adam", "sgd"))
+        _check(self.embed_dim >= 1, "embed_dim", "must be >= 1")
+
+
+IDM_VARIANTS = ("nll", "club", "none")
+
+
+@dataclass(frozen=True)
+class FedRIRConfig:
+    """FedRIR's own settings (reference values as defaults; see FEDRIR.md)."""
+
+    mask_ratio: float = 0.6
+    """Share of patches zeroed in each image for masked client-specific learning."""
+    patch_size: int = 4
+    kl_weight: float = 0.1
+    idm: str = "nll"
+    """``nll``: the reference code's loss; ``club``: the paper's CLUB bound; ``none``: no IDM."""
+    idm_weight: float = 1.0
+    """λ, the weight of the IDM loss in stage 2."""
+    mcsl: bool = True
+    """Masked client-specific learning; off removes the client-specific branch (an ablation)."""
+    common_init: bool = True
+    """Broadcast one initial GFE; off gives every client its own random init, as the reference."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
+        _check(self.patch_size >= 1, "patch_size", "must be >= 1")
+        _check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
+        _one_of(self.idm, "idm", IDM_VARIANTS)
+        _check(self.idm_weight >= 0, "idm_weight", "must be >= 0")
+        _check(
+            self.mcsl or self.idm == "none",
+            "idm",
+            "without MCSL there is no client-specific feature to distil against; "
+            "pass --idm none together with --no-mcsl",
+        )
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Hyper-parameters of the baselines (each paper's or its standard implementation's values)."""
+
+    prox_mu: float = 0.01
+    """FedProx proximal weight μ."""
+    ft_epochs: int = 1
+    """Local fine-tuning epochs before evaluation (``fedavg-ft``, ``fedbabu``)."""
+    head_epochs: int = 10
+    """FedRep: local epochs on the personal head before the body's epoch."""
+    ditto_lambda: float = 0.1
+    """Ditto: pull of the personal model towards the global one."""
+    apfl_alpha: float = 0.5
+    """APFL: initial mixing weight of the personal model (then learned)."""
+
+    def __post_init__(self) -> None:
+        _check(self.prox_mu >= 0, "prox_mu", "must be >= 0")
+        _check(self.ft_epochs >= 0, "ft_epochs", "must be >= 0")
+        _check(self.head_epochs >= 1, "head_epochs", "must be >= 1")
+        _check(self.ditto_lambda >= 0, "ditto_lambda", "must be >= 0")
+        _check(0 <= self.apfl_alpha <= 1, "apfl_alpha", "must be in [0, 1]")
+
+
+ENGINES = ("sim", "flower")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. Saved next to every result as ``config.toml``."""
+
+    algorithm: str = "fedrir"
+    seed: int = 0
+    rounds: int = 20
+    join_ratio: float = 1.0
+    """Share of clients selected each round (int(N · join_ratio), at least 1)."""
+    random_join: bool = False
+    """Draw each round's client count at random between int(N · join_ratio) and N."""
+    dropout: float = 0.0
+    """Probability that a selected client fails mid-round and contributes nothing."""
+    eval_every: int = 1
+    """Evaluate every this many rounds; the last round is always evaluated."""
+    engine: str = "sim"
+    """``sim`` (in-process simulator) or ``flower`` (Flower's simulation engine)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: str = "auto"
+    """``fp32``, ``bf16`` (autocast), or ``auto``: bf16 on CUDA and on CPUs with native BF16."""
+    channels_last: bool = True
+    """Run convolutions in channels-last memory format (faster on CPU)."""
+    threads: int = 0
+    """Torch intra-op threads; 0 keeps torch's default."""
+    checkpoint_every: int = 1
+    """Write a resumable checkpoint every this many rounds (0: never)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fedrir: FedRIRConfig = field(default_factory=FedRIRConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(0 < self.join_ratio <= 1, "join_ratio", "must be in (0, 1]")
+        _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _one_of(self.engine, "engine", ENGINES)
+        _one_of(self.precision, "precision", PRECISIONS)
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            f"{self.device!r} is not auto, cpu, cuda or cuda:N",
+        )
+        _check(self.threads >= 0, "threads", "must be >= 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "fedrir": FedRIRConfig,
+    "baselines": BaselineConfig,
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its section ('' for the run level) and its dataclass field."""
+
+    section: str
+    field: dataclasses.Field[Any]
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+    @property
+    def type(self) -> type:
+        return type(self.field.default)
+
+
+def _keys() -> dict[str, Key]:
+    keys: dict[str, Key] = {}
+    sections = [("", Config), *SECTIONS.items()]
+    for section, cls in sections:
+        for f in fields(cls):
+            if f.name in SECTIONS:
+                continue
+            assert f.name not in keys, f"config key {f.name!r} is defined twice"
+            keys[f.name] = Key(section, f)
+    return keys
+
+
+KEYS: dict[str, Key] = _keys()
+"""Every configuration key by its (unique) name."""
+
+
+def _coerce(key: Key, value: Any) -> Any:
+    want = key.type
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"invalid value for '{key.dotted}': expected {want.__name__}, got {value!r}"
+        )
+    return value
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Return ``config`` with the given keys (flat names, as in :data:`KEYS`) replaced."""
+    run: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for name, value in overrides.items():
+        key = KEYS.get(name)
+        if key is None:
+            raise ConfigError(f"unknown config key '{name}'; known keys: {', '.join(KEYS)}")
+        (sections[key.section] if key.section else run)[name] = _coerce(key, value)
+    for section, values in sections.items():
+        if values:
+            run[section] = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(config, **run)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a config from the nested mapping a TOML file holds; unknown keys are errors."""
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: '{name}' must be a table ([{name}])")
+            for sub, subvalue in value.items():
+                key = KEYS.get(sub)
+                if key is None or key.section != name:
+                    known = ", ".join(k for k, v in KEYS.items() if v.section == name)
+                    raise ConfigError(f"{source}: unknown key '{name}.{sub}'; known: {known}")
+                flat[sub] = subvalue
+        else:
+            key = KEYS.get(name)
+            if key is None or key.section:
+                hint = f" (it belongs in [{key.section}])" if key else ""
+                raise ConfigError(f"{source}: unknown top-level key '{name}'{hint}")
+            flat[name] = value
+    return with_overrides(Config(), flat)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    return config_from_dict(data, source=str(p))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)
+
+
+def config_to_toml(config: Config) -> str:
+    """Serialise a config to TOML that :func:`load_config` reads back to an equal config."""
+    lines = [
+        f"{f.name} = {_toml_value(getattr(config, f.name))}"
+        for f in fields(Config)
+        if f.name not in SECTIONS
+    ]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        sub = getattr(config, section)
+        lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in fields(sub)]
+    return "\n".join(lines) + "\n"
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The nested plain-data form of a config (for JSON and Flower's run config)."""
+    return dataclasses.asdict(config)

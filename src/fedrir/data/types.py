@@ -1,0 +1,78 @@
+"""The two shapes data takes: a pooled dataset, and the per-client split the engine trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset with its official train and test sets merged into one pool (the PFLlib protocol).
+
+    ``images`` are uint8, ``[N, C, H, W]``; ``labels`` int64 ``[N]``. ``domains`` (int64 ``[N]``)
+    is set for natural feature-shift datasets: one client per domain under the ``natural`` partition.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    domains: torch.Tensor | None = None
+    domain_names: tuple[str, ...] = ()
+    test_mask: torch.Tensor | None = None
+    """For data that arrives already split per client (a PFLlib import): True where a sample was
+    in its client's test set. The ``natural`` partition then keeps that split instead of drawing one."""
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.dim() == 4, self.images.shape
+        assert self.labels.dtype == torch.int64 and self.labels.shape == (len(self.images),)
+        assert self.domains is None or self.domains.shape == self.labels.shape
+        assert self.test_mask is None or (
+            self.domains is not None and self.test_mask.shape == self.labels.shape
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local data: normalised float32 images ``[n, C, H, W]`` and int64 labels.
+
+    ``test_*`` is the client's local test set, or its validation set when the run asked for one.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_y)
+
+    def to(self, device: torch.device) -> ClientData:
+        return ClientData(
+            *(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y))
+        )
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Every client's local data, plus what a model needs to know about the inputs."""
+
+    clients: tuple[ClientData, ...]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)

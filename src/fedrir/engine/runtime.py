@@ -1,0 +1,40 @@
+"""Resolve the configured device and precision to what this machine can do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedrir.algorithms.base import Runtime
+from fedrir.config import Config
+from fedrir.errors import ConfigError
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with BF16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_runtime(config: Config) -> Runtime:
+    """Device ``auto`` takes CUDA when present; precision ``auto`` takes bf16 where it is native."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "invalid value for 'device': CUDA is not available here; use --device cpu"
+            )
+    if config.precision == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        dtype = torch.bfloat16 if native else None
+    else:
+        dtype = torch.bfloat16 if config.precision == "bf16" else None
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=config.channels_last)

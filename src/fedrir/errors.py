@@ -1,0 +1,13 @@
+"""The one exception type a user sees: a clear, one-line message naming the problem and the fix."""
+
+
+class FedrirError(Exception):
+    """Bad input or an unmet precondition, reported to the user without a traceback."""
+
+
+class ConfigError(FedrirError, ValueError):
+    """An invalid or unknown configuration key or value."""
+
+
+class DataError(FedrirError):
+    """A dataset that is missing, corrupt, or cannot be partitioned as asked."""

@@ -1,0 +1,295 @@
+"""The fedrir ServerApp and ClientApp: the same algorithm objects, carried by Flower messages.
+
+``flwr run .`` (simulation or deployment) loads :data:`server_app` and :data:`client_app`, named in
+``[tool.flwr.app.components]``. The fedrir configuration travels as Flower's run config: every
+config key by its flat name (``rounds``, ``clients``, ``mask_ratio``…), plus two settings of the
+app itself (:data:`APP_SETTINGS`). Each SuperNode holds one client, picked by its node config
+``partition-id``; the split is the one the run config defines, so every node computes the same.
+
+Messages:
+- ``query``: the server asks each node which client it holds (and the input shape and classes);
+- ``train``: payload + round → upload + sample count + training metrics; the client keeps its
+  private state in ``context.state`` across rounds;
+- ``evaluate``: payload + round → correct / total / loss sum on the client's local test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+    UserConfigValue,
+)
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedrir.algorithms import get_algorithm
+from fedrir.algorithms.base import Algorithm, State, Task
+from fedrir.api import CONFIG, CURVES, METRICS, SUMMARY, RunResult, default_out_dir, prepare
+from fedrir.config import KEYS, Config, config_to_toml, with_overrides
+from fedrir.data.types import ClientData, FederatedData
+from fedrir.engine import rounds
+from fedrir.engine.runtime import resolve_runtime
+from fedrir.errors import ConfigError, FedrirError
+from fedrir.flower.records import from_record, to_record
+from fedrir.flower.strategy import CONFIG as CONFIG_RECORD
+from fedrir.flower.strategy import METRICS as METRICS_RECORD
+from fedrir.flower.strategy import NUM_EXAMPLES, PAYLOAD, FedrirStrategy
+from fedrir.results import RoundRecord, append_metrics, atomic_write, plot_curves, summarize, write_metrics
+
+APP_SETTINGS: dict[str, UserConfigValue] = {"out-dir": "", "timeout": 600.0}
+"""Run-config keys of the app, not of the fedrir config: where the ServerApp writes its files
+(empty: a new folder under ``runs/`` of its working directory), and how many seconds it waits
+for the SuperNodes to connect and for each round's replies."""
+
+RUN_KEYS = tuple(k for k in KEYS if k != "engine")
+"""The fedrir keys in the run config (``engine`` is ``flower`` by definition here)."""
+
+STATE = "fedrir-state"
+"""Where a client keeps its private state in ``context.state``."""
+
+INFO_RECORD = "info"
+DROPPED_OUT = 100
+"""Error code of a reply from a client that drops out of a round (``dropout`` > 0)."""
+
+ConfigSource = Callable[[Context], Config]
+
+
+def to_run_config(config: Config) -> dict[str, UserConfigValue]:
+    """``config`` as a Flower run config: each key by its flat name."""
+    values: dict[str, UserConfigValue] = {}
+    for name in RUN_KEYS:
+        section = KEYS[name].section
+        values[name] = getattr(getattr(config, section) if section else config, name)
+    return values
+
+
+def config_from_run_config(run_config: Mapping[str, UserConfigValue]) -> Config:
+    """The fedrir config a Flower run config describes; unknown keys are errors."""
+    unknown = sorted(set(run_config) - set(RUN_KEYS) - set(APP_SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown run-config keys {unknown}; known: {', '.join(RUN_KEYS)}")
+    values = {k: v for k, v in run_config.items() if k in RUN_KEYS}
+    return with_overrides(Config(engine="flower"), values)
+
+
+def config_from_context(context: Context) -> Config:
+    return config_from_run_config(context.run_config)
+
+
+# ----------------------------------------------------------------------------- client side
+
+
+@functools.lru_cache(maxsize=1)
+def _prepared(config: Config) -> tuple[Algorithm, FederatedData]:
+    """One workspace and one copy of the data per process: a simulation worker serves many
+    nodes, one message after another."""
+    return prepare(config)
+
+
+def _client(context: Context, load: ConfigSource) -> tuple[Config, Algorithm, ClientData, int]:
+    config = load(context)
+    algorithm, data = _prepared(config)
+    partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    if not 0 <= partition < data.num_clients:
+        raise FedrirError(
+            f"this node holds partition {partition}, but the run has {data.num_clients} clients"
+        )
+    return config, algorithm, data.clients[partition], partition
+
+
+def _state(context: Context, config: Config, algorithm: Algorithm, partition: int) -> State:
+    """The client's private state: kept in ``context.state``, or its seeded initial state."""
+    if STATE in context.state.array_records:
+        return from_record(context.state.array_records[STATE], algorithm.runtime.device)
+    return algorithm.init_client(partition, rounds.client_seed(config, partition))
+
+
+def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
+    """The ClientApp; ``load`` reads the fedrir config from a node's context (its run config)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        _, algorithm, _, partition = _client(context, load)
+        info = ConfigRecord(
+            {
+                "partition-id": partition,
+                "input-shape": list(algorithm.task.input_shape),
+                "num-classes": algorithm.task.num_classes,
+            }
+        )
+        return Message(RecordDict({INFO_RECORD: info}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        config, algorithm, data, partition = _client(context, load)
+        round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
+        if partition in rounds.plan_round(config, round_, config.data.clients).dropped:
+            reason = f"client {partition} drops out of round {round_} (dropout={config.dropout})"
+            return Message(Error(DROPPED_OUT, reason), reply_to=message)
+        payload = from_record(message.content.array_records[PAYLOAD], algorithm.runtime.device)
+        rng = algorithm.runtime.generator(rounds.train_seed(config, round_, partition))
+        update = algorithm.local_update(
+            payload, _state(context, config, algorithm, partition), data, rng
+        )
+        context.state[STATE] = to_record(update.state)
+        metrics = MetricRecord({NUM_EXAMPLES: update.num_examples, **update.metrics})
+        return Message(
+            RecordDict({PAYLOAD: to_record(update.payload), METRICS_RECORD: metrics}),
+            reply_to=message,
+        )
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        config, algorithm, data, partition = _client(context, load)
+        round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
+        payload = from_record(message.content.array_records[PAYLOAD], algorithm.runtime.device)
+        rng = algorithm.runtime.generator(rounds.eval_seed(config, round_, partition))
+        ev = algorithm.evaluate(payload, _state(context, config, algorithm, partition), data, rng)
+        metrics = MetricRecord({"correct": ev.correct, "total": ev.total, "loss-sum": ev.loss_sum})
+        return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[int, int], Task]:
+    """Ask every node which client it holds until all ``num_clients`` are there.
+
+    Returns partition id → node id, and the task (input shape, classes) the clients report, so
+    that the server builds its algorithm without touching any data.
+    """
+    deadline = time.monotonic() + timeout
+    nodes: dict[int, int] = {}
+    asked: set[int] = set()
+    task: Task | None = None
+    while len(nodes) < num_clients:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if not new:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(num_clients)) - set(nodes))
+                raise FedrirError(
+                    f"clients {missing} did not connect within {timeout:.0f} s; start one "
+                    "SuperNode per client with --node-config 'partition-id=<i> "
+                    f"num-partitions={num_clients}'"
+                )
+            time.sleep(0.5)
+            continue
+        asked.update(new)
+        content = RecordDict({CONFIG_RECORD: ConfigRecord()})
+        queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise FedrirError(f"node {node} cannot serve this run: {reply.error.reason}")
+            info = reply.content.config_records[INFO_RECORD]
+            partition = int(info["partition-id"])  # type: ignore[arg-type]
+            reported = Task(
+                tuple(info["input-shape"]),  # type: ignore[arg-type]
+                int(info["num-classes"]),  # type: ignore[arg-type]
+            )
+            if task is not None and reported != task:
+                raise FedrirError(f"node {node} reports {reported}, others {task}")
+            task = reported
+            if partition >= num_clients:
+                log(WARNING, "node %d holds partition %d, beyond the run's %d clients: idle",
+                    node, partition, num_clients)
+            elif partition in nodes:
+                raise FedrirError(
+                    f"nodes {nodes[partition]} and {node} both hold partition {partition}"
+                )
+            else:
+                nodes[partition] = node
+    assert task is not None
+    log(INFO, "all %d clients connected", num_clients)
+    return nodes, task
+
+
+def serve(
+    grid: Grid,
+    config: Config,
+    out: Path | None,
+    timeout: float,
+    on_round: Callable[[RoundRecord | None, int], None] | None = None,
+) -> RunResult:
+    """The whole run on the server side: connect, run the rounds, write the result files."""
+    wall = time.perf_counter()
+    nodes, task = connect_clients(grid, config.data.clients, timeout)
+    algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG, config_to_toml(config))
+        write_metrics(out / METRICS, [])
+        log(INFO, "fedrir: writing results to %s", out)
+
+    def after_round(record: RoundRecord | None, round_: int) -> None:
+        if record is not None and out is not None:
+            append_metrics(out / METRICS, record)
+        if on_round is not None:
+            on_round(record, round_)
+
+    strategy = FedrirStrategy(algorithm, nodes, after_round)
+    strategy.start(
+        grid,
+        to_record(algorithm.init_server(rounds.server_seed(config))),
+        num_rounds=config.rounds,
+        timeout=timeout,
+    )
+    summary = summarize(
+        strategy.history,
+        {
+            "algorithm": config.algorithm,
+            "dataset": config.data.dataset,
+            "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
+            "clients": config.data.clients,
+            "device": str(algorithm.runtime.device),
+            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
+            "parameters": algorithm.parameter_counts(),
+            "wall_seconds": time.perf_counter() - wall,
+            "engine": "flower",
+            "bytes_evaluation_downloaded": strategy.bytes_eval_down,
+        },
+    )
+    if out is not None:
+        atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        plot_curves(
+            {config.algorithm: [r.to_json() for r in strategy.history]},
+            out / CURVES,
+            title=f"{config.algorithm} on {config.data.dataset}, {config.data.clients} clients "
+            "(Flower)",
+        )
+    return RunResult(summary=summary, history=strategy.history, out_dir=out)
+
+
+def _out_dir(run_config: Mapping[str, UserConfigValue], config: Config) -> Path:
+    chosen = str(run_config.get("out-dir", APP_SETTINGS["out-dir"]))
+    return (Path(chosen) if chosen else default_out_dir(config)).resolve()
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    config = config_from_context(context)
+    timeout = float(context.run_config.get("timeout", APP_SETTINGS["timeout"]))  # type: ignore[arg-type]
+    serve(grid, config, _out_dir(context.run_config, config), timeout)
+
+
+client_app = make_client_app()

@@ -1,0 +1,85 @@
+"""``fedrir run --engine flower``: the run on Flower's simulation engine, inside this process.
+
+``flwr.simulation.run_simulation`` starts the ServerApp in a thread and one virtual SuperNode per
+client on a Ray backend (2 CPUs, 1 per ClientApp, so two clients train at a time). The config
+reaches both apps directly (they are built around it), not through a FAB; ``flwr run .`` and
+deployments load the same apps with the config as run config instead. The result files are the
+in-process engine's, written by the ServerApp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrir.api import Progress, RunResult
+from fedrir.config import Config
+from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
+
+RAY_CPUS = 2
+"""CPUs Ray may use in all; each ClientApp takes one."""
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+"""Flower and Ray without phoning home: runs must work offline."""
+
+
+@contextlib.contextmanager
+def offline_flower() -> Iterator[None]:
+    """Offline settings and a private ``FLWR_HOME`` for the duration of a run, then restored."""
+    with tempfile.TemporaryDirectory(prefix="fedrir-flwr-") as home:
+        changes = OFFLINE_ENV | {"FLWR_HOME": os.environ.get("FLWR_HOME", home)}
+        saved = {k: os.environ.get(k) for k in changes}
+        os.environ.update(changes)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def run_flower(config: Config, out: Path | None, progress: bool = False) -> RunResult:
+    """Run ``config`` on Flower's simulation engine with one SuperNode per client."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    results: list[RunResult] = []
+    bar = Progress(config, 0, progress)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        timeout = float(APP_SETTINGS["timeout"])
+        results.append(serve(grid, config, out, timeout, on_round=bar))
+
+    try:
+        with offline_flower():
+            run_simulation(
+                server_app=server,
+                client_app=make_client_app(lambda _: config),
+                num_supernodes=config.data.clients,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": RAY_CPUS, "num_gpus": 0},
+                },
+            )
+    finally:
+        bar.close()
+        if ray.is_initialized():  # Flower shuts Ray down itself, unless something failed first
+            ray.shutdown()
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result; see its log above")
+    return results[0]

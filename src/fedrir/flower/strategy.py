@@ -1,0 +1,184 @@
+"""A Flower ``Strategy`` that delegates every decision to a fedrir ``Algorithm``.
+
+Flower's ``Strategy.start`` runs the round loop (configure → send and receive → aggregate, for
+training and then for evaluation); this class only translates between that loop and the algorithm
+contract. Who trains follows :func:`fedrir.engine.rounds.plan_round` (partition ids mapped to node
+ids), the server side is ``algorithm.broadcast`` / ``aggregate``, and on evaluation rounds every
+client is evaluated and the counts pooled, exactly as the in-process engine does. Updates are
+aggregated in partition order so that the floating-point sums match that engine too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedrir.algorithms.base import Algorithm, Evaluation, Payload
+from fedrir.engine import rounds
+from fedrir.errors import FedrirError
+from fedrir.flower.records import from_record, message_bytes, to_record
+from fedrir.results import RoundRecord, pooled, weighted_metrics
+
+# record names inside message contents, shared with the ClientApp
+PAYLOAD, CONFIG, METRICS = "payload", "config", "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class _Round:
+    """What the strategy learns about the current round between Flower's calls."""
+
+    start: float
+    server: Payload
+    selected: int
+    bytes_down: int
+    participants: int = 0
+    bytes_up: int = 0
+    train: dict[str, float] = field(default_factory=dict)
+
+
+class FedrirStrategy(Strategy):
+    """Flower's round loop around a fedrir algorithm; ``history`` holds the evaluated rounds."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        nodes: Mapping[int, int],
+        on_round: Callable[[RoundRecord | None, int], None] | None = None,
+    ) -> None:
+        """``nodes`` maps each client's partition id to the Flower node id that holds it."""
+        self.algorithm = algorithm
+        self.config = algorithm.config
+        self.nodes = dict(nodes)
+        self.partition = {node: p for p, node in self.nodes.items()}
+        self.on_round = on_round
+        self.history: list[RoundRecord] = []
+        self.bytes_up = self.bytes_down = self.bytes_eval_down = 0
+        self.elapsed = 0.0
+        self._round: _Round | None = None
+
+    @property
+    def current(self) -> _Round:
+        assert self._round is not None, "configure_train opens every round"
+        return self._round
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedrir algorithm: %s", self.algorithm.name)
+        log(INFO, "\t└──> clients (partition → node): %s", self.nodes)
+
+    def _messages(
+        self, grid: Grid, partitions: Iterable[int], content: RecordDict, kind: str, round_: int
+    ) -> list[Message]:
+        """One message per partition whose node is still connected (a gone node gets none)."""
+        live = set(grid.get_node_ids())
+        messages = []
+        for p in partitions:
+            if self.nodes[p] in live:
+                messages.append(
+                    Message(content, dst_node_id=self.nodes[p], message_type=kind, group_id=str(round_))
+                )
+            else:
+                log(WARNING, "round %d: client %d (node %d) is gone", round_, p, self.nodes[p])
+        return messages
+
+    def _answers(self, replies: Iterable[Message], round_: int) -> list[tuple[int, Message]]:
+        """The replies that carry content, by partition id; errors mean the client dropped out."""
+        answers = []
+        for reply in replies:
+            p = self.partition[reply.metadata.src_node_id]
+            if reply.has_error():
+                log(INFO, "round %d: client %d took no part: %s", round_, p, reply.error.reason)
+            else:
+                answers.append((p, reply))
+        return sorted(answers, key=lambda a: a[0])
+
+    def _content(self, arrays: ArrayRecord, round_: int) -> tuple[Payload, RecordDict]:
+        server = from_record(arrays, self.algorithm.runtime.device)
+        down = to_record(self.algorithm.broadcast(server))
+        return server, RecordDict({PAYLOAD: down, CONFIG: ConfigRecord({"round": round_})})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        start = time.perf_counter()
+        plan = rounds.plan_round(self.config, server_round, len(self.nodes))
+        server, content = self._content(arrays, server_round)
+        messages = self._messages(grid, plan.selected, content, MessageType.TRAIN, server_round)
+        self._round = _Round(start, server, len(plan.selected), message_bytes(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        cur = self.current
+        device = self.algorithm.runtime.device
+        answers = [m for _, m in self._answers(replies, server_round)]
+        updates, metrics = [], []
+        for m in answers:
+            numbers = m.content.metric_records[METRICS]
+            n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
+            updates.append((from_record(m.content.array_records[PAYLOAD], device), n))
+            metrics.append(({k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}, n))  # type: ignore[arg-type]
+        cur.server = self.algorithm.aggregate(cur.server, updates)
+        cur.participants = len(answers)
+        cur.bytes_up = message_bytes(answers)
+        cur.train = weighted_metrics(metrics)
+        return to_record(cur.server), MetricRecord(cur.train)  # type: ignore[arg-type]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not rounds.is_eval_round(self.config, server_round):
+            return []
+        _, content = self._content(arrays, server_round)
+        messages = self._messages(grid, sorted(self.nodes), content, MessageType.EVALUATE, server_round)
+        self.bytes_eval_down += message_bytes(messages)
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Closes the round (Flower calls it every round): counters, and the record if evaluated."""
+        cur = self.current
+        evals = [
+            Evaluation(
+                correct=int(m.content.metric_records[METRICS]["correct"]),  # type: ignore[arg-type]
+                total=int(m.content.metric_records[METRICS]["total"]),  # type: ignore[arg-type]
+                loss_sum=float(m.content.metric_records[METRICS]["loss-sum"]),  # type: ignore[arg-type]
+            )
+            for _, m in self._answers(replies, server_round)
+        ]
+        seconds = time.perf_counter() - cur.start
+        self.elapsed += seconds
+        self.bytes_up += cur.bytes_up
+        self.bytes_down += cur.bytes_down
+        record = None
+        if rounds.is_eval_round(self.config, server_round):
+            if not evals:
+                raise FedrirError(f"round {server_round}: no client answered the evaluation")
+            record = RoundRecord(
+                round=server_round,
+                participants=cur.participants,
+                selected=cur.selected,
+                bytes_up=cur.bytes_up,
+                bytes_down=cur.bytes_down,
+                bytes_up_total=self.bytes_up,
+                bytes_down_total=self.bytes_down,
+                seconds=seconds,
+                elapsed=self.elapsed,
+                train=cur.train,
+                **pooled(evals),
+            )
+            self.history.append(record)
+        if self.on_round is not None:
+            self.on_round(record, server_round)
+        if record is None:
+            return None
+        return MetricRecord({"accuracy": record.accuracy, "loss": record.loss})

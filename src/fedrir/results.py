@@ -1,0 +1,151 @@
+"""Results are data: a per-round history (``metrics.jsonl``), a ``summary.json``, and plots made
+from those files. Both engines (in-process and Flower) write through this module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrir.algorithms.base import Evaluation
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One evaluated round. Byte counts and ``seconds`` are this round's; ``*_total`` and
+    ``elapsed`` (training, aggregation and evaluation time of all rounds so far) are cumulative."""
+
+    round: int
+    accuracy: float
+    loss: float
+    client_accuracies: list[float]
+    client_accuracy_std: float
+    participants: int
+    selected: int
+    bytes_up: int
+    bytes_down: int
+    bytes_up_total: int
+    bytes_down_total: int
+    seconds: float
+    elapsed: float
+    train: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pooled(evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+    """Personalized accuracy Σ correct / Σ test samples, mean loss, and the per-client spread."""
+    correct = sum(e.correct for e in evaluations)
+    total = sum(e.total for e in evaluations)
+    accs = [e.accuracy for e in evaluations]
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "loss": sum(e.loss_sum for e in evaluations) / total if total else 0.0,
+        "client_accuracies": accs,
+        "client_accuracy_std": std,
+    }
+
+
+def weighted_metrics(metrics: Sequence[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """Training metrics of the clients that took part, weighted by their sample counts."""
+    total = sum(n for _, n in metrics)
+    if not total:
+        return {}
+    keys = sorted({k for m, _ in metrics for k in m})
+    return {k: sum(m.get(k, 0.0) * n for m, n in metrics) / total for k in keys}
+
+
+def summarize(records: Sequence[RoundRecord], extra: dict[str, Any]) -> dict[str, Any]:
+    """The run's headline numbers: final *and* best accuracy, the spread, bytes and time."""
+    last = records[-1]
+    best = max(records, key=lambda r: r.accuracy)
+    seconds = last.elapsed
+    return {
+        "final_accuracy": last.accuracy,
+        "best_accuracy": best.accuracy,
+        "best_round": best.round,
+        "final_loss": last.loss,
+        "client_accuracy_std": last.client_accuracy_std,
+        "rounds": last.round,
+        "bytes_uploaded": last.bytes_up_total,
+        "bytes_downloaded": last.bytes_down_total,
+        "bytes_uploaded_per_round": last.bytes_up_total / last.round,
+        "seconds": seconds,
+        "seconds_per_round": seconds / last.round,
+        **extra,
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a whole file so that a reader (or a crash) sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, records: Iterable[RoundRecord]) -> None:
+    atomic_write(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
+
+
+def append_metrics(path: Path, record: RoundRecord) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record.to_json()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Accuracy and loss over rounds, one line per named series (a run, or an algorithm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in series.items():
+        rounds = [r["round"] for r in rows]
+        ax_acc.plot(rounds, [100 * r["accuracy"] for r in rows], marker=".", label=name)
+        ax_loss.plot(rounds, [r["loss"] for r in rows], marker=".", label=name)
+    ax_acc.set(xlabel="round", ylabel="personalized accuracy (%)", title="accuracy")
+    ax_loss.set(xlabel="round", ylabel="test loss", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable table of a run's summary."""
+    rows = [
+        ("final accuracy", f"{100 * summary['final_accuracy']:.2f} %"),
+        (
+            "best accuracy",
+            f"{100 * summary['best_accuracy']:.2f} % (round {summary['best_round']})",
+        ),
+        ("client accuracy std", f"{100 * summary['client_accuracy_std']:.2f} %"),
+        ("rounds", str(summary["rounds"])),
+        ("uploaded", f"{summary['bytes_uploaded'] / 2**20:.1f} MiB"),
+        ("downloaded", f"{summary['bytes_downloaded'] / 2**20:.1f} MiB"),
+        ("time", f"{summary['seconds']:.1f} s ({summary['seconds_per_round']:.1f} s/round)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,229 @@
+"""``fedrir compare`` on real data: the table equals the runs, and the grid resumes and refuses.
+
+One small grid (FedRIR and FedAvg × seeds 0 and 1, 2 rounds of 3 clients on 2 % of MNIST) is run
+once per module; tests that change a grid work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fedrir.api
+from fedrir.compare import add_compare_command, compare, parse_seeds, run_dir
+from fedrir.config import Config, with_overrides
+from fedrir.errors import ConfigError, FedrirError
+from fedrir.results import read_metrics
+
+ALGORITHMS = ["fedrir", "fedavg"]
+SEEDS = [0, 1]
+SETTINGS: dict[str, Any] = {
+    "fraction": 0.02,
+    "clients": 3,
+    "partition": "pat",
+    "classes_per_client": 4,
+    "rounds": 2,
+    "batch_size": 50,
+    "embed_dim": 32,
+    "device": "cpu",
+}
+
+
+def settings(cache: Path, **overrides: Any) -> Config:
+    return with_overrides(Config(), SETTINGS | {"cache_dir": str(cache)} | overrides)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    base = tmp_path_factory.mktemp("compare")
+    out = base / "grid"
+    return out, compare(settings(base / "cache"), ALGORITHMS, SEEDS, out)
+
+
+def copy_of(grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> Path:
+    out = tmp_path / "grid"
+    shutil.copytree(grid[0], out)
+    return out
+
+
+def forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a run started although none should")
+
+    for name in names:
+        monkeypatch.setattr(fedrir.api, name, fail)
+
+
+def summary(out: Path, algorithm: str, seed: int) -> dict[str, Any]:
+    return json.loads((run_dir(out, algorithm, seed) / "summary.json").read_text())
+
+
+def test_table_equals_the_runs(grid: tuple[Path, list[dict[str, Any]]]) -> None:
+    out, rows = grid
+    for name in ("compare.toml", "results.csv", "results.md", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["algorithm"] for r in table) == sorted(ALGORITHMS)
+    assert [r["algorithm"] for r in table] == [r["algorithm"] for r in rows]
+    finals = [float(r["final_accuracy_mean"]) for r in table]
+    assert finals == sorted(finals, reverse=True)  # sorted by final accuracy
+    for row, written in zip(rows, table, strict=True):
+        runs = [summary(out, row["algorithm"], s) for s in SEEDS]
+        final = [100 * s["final_accuracy"] for s in runs]
+        best = [100 * s["best_accuracy"] for s in runs]
+        expected = {
+            "final_accuracy_mean": statistics.fmean(final),
+            "final_accuracy_std": statistics.stdev(final),
+            "best_accuracy_mean": statistics.fmean(best),
+            "best_accuracy_std": statistics.stdev(best),
+            "client_accuracy_std": statistics.fmean(100 * s["client_accuracy_std"] for s in runs),
+            "bytes_uploaded_per_round": statistics.fmean(
+                s["bytes_uploaded_per_round"] for s in runs
+            ),
+            "seconds_per_round": statistics.fmean(s["seconds_per_round"] for s in runs),
+        }
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-12), key
+            assert float(written[key]) == pytest.approx(value, rel=1e-12), key
+        assert row["mb_uploaded_per_round"] == pytest.approx(row["bytes_uploaded_per_round"] / 1e6)
+        assert row["shared_parameters"] == runs[0]["parameters"]["shared"] > 0
+        assert int(written["private_parameters"]) == runs[0]["parameters"]["private"]
+        assert row["seeds"] == int(written["seeds"]) == 2
+        assert len(read_metrics(run_dir(out, row["algorithm"], 0) / "metrics.jsonl")) == 2
+    fedavg = next(r for r in rows if r["algorithm"] == "fedavg")
+    assert fedavg["private_parameters"] == 0  # FedAvg keeps nothing private
+    md = (out / "results.md").read_text()
+    assert "sorted by final accuracy" in md
+    assert "partition `pat`" in md and "clients 3" in md and "rounds 2" in md
+    assert f"--out {out}" in md  # the command
+    body = [line for line in md.splitlines() if line.startswith("| fed")]
+    assert [line.split("|")[1].strip() for line in body] == [r["algorithm"] for r in rows]
+    assert f"| {rows[0]['final_accuracy_mean']:.2f} ± {rows[0]['final_accuracy_std']:.2f} |" in md
+
+
+def test_rerun_redoes_nothing_and_a_subset_of_seeds_is_tabulated(
+    grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = copy_of(grid, tmp_path)
+    config = settings(grid[0].parent / "cache")
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert len(mtimes) == 4
+    forbid(monkeypatch, "run", "resume")
+    assert compare(config, ALGORITHMS, SEEDS, out) == grid[1]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == mtimes
+    rows = compare(config, ["fedavg"], [1], out)
+    s = summary(out, "fedavg", 1)
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and rows[0]["final_accuracy_std"] is None
+    assert rows[0]["final_accuracy_mean"] == 100 * s["final_accuracy"]
+
+
+def test_an_interrupted_grid_resumes_where_it_stopped(
+    grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = settings(grid[0].parent / "cache")
+    out = tmp_path / "grid"
+    real_run, real_resume = fedrir.api.run, fedrir.api.resume
+    calls: list[tuple[str, str]] = []
+
+    def killed_after_round_1(cfg: Config, path: Path, **kwargs: Any) -> fedrir.api.RunResult:
+        calls.append(("run", path.name))
+        on_round: Callable[[Any, int], None] = kwargs["on_round"]
+
+        def stop(record: Any, round_: int) -> None:
+            on_round(record, round_)
+            if cfg.seed == 1:
+                raise KeyboardInterrupt
+
+        return real_run(cfg, path, on_round=stop)
+
+    monkeypatch.setattr(fedrir.api, "run", killed_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, ["fedavg"], SEEDS, out)
+    assert (run_dir(out, "fedavg", 0) / "summary.json").exists()
+    assert not (run_dir(out, "fedavg", 1) / "summary.json").exists()
+    assert not (out / "results.csv").exists()
+
+    def resume(path: Path, **kwargs: Any) -> fedrir.api.RunResult:
+        calls.append(("resume", Path(path).name))
+        return real_resume(path, **kwargs)
+
+    monkeypatch.setattr(fedrir.api, "resume", resume)
+    rows = compare(config, ["fedavg"], SEEDS, out)
+    assert calls == [("run", "fedavg-seed0"), ("run", "fedavg-seed1"), ("resume", "fedavg-seed1")]
+    assert [r["round"] for r in read_metrics(run_dir(out, "fedavg", 1) / "metrics.jsonl")] == [1, 2]
+    # the resumed run ends where the uninterrupted one of the module's grid did
+    assert summary(out, "fedavg", 1)["final_accuracy"] == summary(grid[0], "fedavg", 1)[
+        "final_accuracy"
+    ]
+    assert rows[0]["seeds"] == 2 and (out / "results.md").exists()
+
+
+def test_other_settings_in_the_same_folder_are_refused(
+    grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = copy_of(grid, tmp_path)
+    forbid(monkeypatch, "run", "resume")
+    config = settings(grid[0].parent / "cache", rounds=3, alpha=0.5)
+    with pytest.raises(FedrirError, match=r"other settings \(rounds: 2 there, 3 here; alpha"):
+        compare(config, ALGORITHMS, SEEDS, out)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FedrirError, match="not empty and holds no compare"):
+        compare(config, ALGORITHMS, SEEDS, tmp_path / "busy")
+
+
+def test_unknown_algorithm_or_bad_seeds_fail_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forbid(monkeypatch, "run", "resume")
+    out = tmp_path / "grid"
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'fedavgg'; choose one of: .*fedprox"):
+        compare(settings(tmp_path), ["fedrir", "fedavgg"], SEEDS, out)
+    with pytest.raises(ConfigError, match="distinct"):
+        compare(settings(tmp_path), ["fedrir", "fedrir"], SEEDS, out)
+    assert not out.exists()
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "a", "0,,1", "1.5", "-1", "0,0"):
+        with pytest.raises(ConfigError, match="seeds"):
+            parse_seeds(bad)
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedrir")
+    add_compare_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def test_command_line_continues_the_grid_and_prints_the_table(
+    grid: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = copy_of(grid, tmp_path)
+    forbid(monkeypatch, "run", "resume")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    cache = str(grid[0].parent / "cache")
+    argv = ["compare", "--algorithms", "fedrir,fedavg", "--seeds", "0,1", *flags]
+    assert run_cli([*argv, "--cache-dir", cache, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "| fedrir |" in printed.out and "| fedavg |" in printed.out
+    assert "8/8" in printed.err  # the grid's bar: 2 algorithms × 2 seeds × 2 rounds
+    md = (out / "results.md").read_text()
+    assert "Command: `fedrir compare --algorithms fedrir,fedavg --seeds 0,1 --fraction 0.02" in md
+    with pytest.raises(ConfigError, match="unknown algorithm 'nope'"):
+        run_cli([*argv, "--algorithms", "nope", "--out", str(tmp_path / "other")])
+    with pytest.raises(ConfigError, match="--seeds"):
+        run_cli([*argv, "--seeds", "x", "--out", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()

@@ -1,0 +1,179 @@
+"""The in-process engine end to end on real MNIST: learning, determinism, files, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fedrir
+from fedrir.cli import main
+from fedrir.config import Config, with_overrides
+from fedrir.engine.rounds import plan_round
+from fedrir.results import read_metrics
+
+
+def small(cache: Path, **overrides: Any) -> Config:
+    """Real MNIST, 4 % of it, 5 clients with 2 classes each: seconds per round."""
+    base = {
+        "fraction": 0.04,
+        "clients": 5,
+        "partition": "pat",
+        "rounds": 3,
+        "batch_size": 50,
+        "embed_dim": 64,
+        "cache_dir": str(cache),
+    }
+    return with_overrides(Config(), base | overrides)
+
+
+def test_fedrir_learns_and_writes_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = fedrir.run(small(tmp_path), out=out)
+    s = result.summary
+    assert s["final_accuracy"] > 0.85  # 2 classes per client: chance is 50 %
+    assert s["best_accuracy"] >= s["final_accuracy"]
+    assert s["rounds"] == 3 and len(result.history) == 3
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert fedrir.load_config(out / "config.toml") == small(tmp_path)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert {
+        "round",
+        "accuracy",
+        "loss",
+        "client_accuracies",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+    } <= set(rows[0])
+    assert len(rows[0]["client_accuracies"]) == 5
+    # only the GFE travels: 5 uploads and 5 downloads of its parameters per round
+    gfe = s["parameters"]["shared"] * 4
+    assert rows[0]["bytes_up"] == rows[0]["bytes_down"] == 5 * gfe
+    assert s["bytes_uploaded"] == 3 * 5 * gfe
+    assert json.loads((out / "summary.json").read_text())["final_accuracy"] == s["final_accuracy"]
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path) -> None:
+    cfg = small(tmp_path, rounds=2)
+    a = fedrir.run(cfg, out=None)
+    b = fedrir.run(cfg, out=None)
+    c = fedrir.run(with_overrides(cfg, {"seed": 1}), out=None)
+    assert [r.client_accuracies for r in a.history] == [r.client_accuracies for r in b.history]
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert [r.loss for r in a.history] != [r.loss for r in c.history]
+
+
+def test_eval_every_dropout_and_partial_participation(tmp_path: Path) -> None:
+    cfg = small(tmp_path, rounds=4, eval_every=3, join_ratio=0.6, dropout=0.3, seed=3)
+    result = fedrir.run(cfg, out=None)
+    assert [r.round for r in result.history] == [3, 4]  # every 3rd round, and the last
+    plans = [plan_round(cfg, r, 5) for r in range(1, 5)]
+    assert all(len(p.selected) == 3 for p in plans)
+    assert [len(p.participants) for p in plans[2:]] == [r.participants for r in result.history]
+    assert any(p.dropped for p in plans)  # this seed drops someone: the test means something
+
+
+def test_random_join_count_varies() -> None:
+    cfg = with_overrides(Config(), {"join_ratio": 0.25, "random_join": True})
+    counts = {len(plan_round(cfg, r, 20).selected) for r in range(1, 30)}
+    assert min(counts) >= 5 and max(counts) <= 20 and len(counts) > 3
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    manifest = out / "checkpoint" / "manifest.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["round"] >= 1:
+            return
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = small(tmp_path, rounds=3)
+    reference = fedrir.run(cfg, out=tmp_path / "reference").summary
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedrir.cli",
+        "run",
+        "--quiet",
+        "--out",
+        str(out),
+        "--config",
+        str(tmp_path / "reference" / "config.toml"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(out, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    resumed = fedrir.resume(out).summary
+    for key in (
+        "final_accuracy",
+        "best_accuracy",
+        "client_accuracy_std",
+        "final_loss",
+        "bytes_uploaded",
+        "bytes_downloaded",
+        "rounds",
+    ):
+        assert resumed[key] == reference[key], key
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["accuracy"] for r in rows] == [
+        r["accuracy"] for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    ]
+
+
+def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fedrir.run(small(tmp_path, rounds=1), out=out)
+    longer = fedrir.resume(out, rounds=2)
+    assert [r.round for r in longer.history] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--rounds", "0"], "invalid value for 'rounds'"),
+        (["run", "--algorithm", "fedfoo"], "unknown algorithm 'fedfoo'"),
+        (["run", "--dataset", "imagenet"], "imagenet"),
+        (["run", "--config", "/nonexistent.toml"], "cannot read config file"),
+        (["run", "--resume", "/nonexistent-run"], "holds no run to resume"),
+        (["run", "--alpha", "-0.1"], "invalid value for 'alpha'"),
+        (["run", "--device", "tpu"], "invalid value for 'device'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedrir: error:") and message in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_an_existing_run_is_never_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    fedrir.run(small(tmp_path, rounds=1), out=out)
+    before = (out / "summary.json").read_text()
+    assert main(["run", "--out", str(out), "--rounds", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == before
