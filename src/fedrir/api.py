@@ -142,27 +142,41 @@ def _execute(
         )
     finally:
         bar.close()
+    return finish_run(algorithm, state.history, out, wall, {"engine": "sim"})
+
+
+def finish_run(
+    algorithm: Algorithm,
+    history: list[RoundRecord],
+    out: Path | None,
+    wall_start: float,
+    extra: dict[str, Any],
+) -> RunResult:
+    """Summarise a finished run (either engine) and write ``summary.json`` and ``curves.png``."""
+    config = algorithm.config
     summary = summarize(
-        state.history,
+        history,
         {
             "algorithm": config.algorithm,
             "dataset": config.data.dataset,
             "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
-            "clients": data.num_clients,
+            "clients": config.data.clients,
             "device": str(algorithm.runtime.device),
             "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
             "parameters": algorithm.parameter_counts(),
-            "wall_seconds": time.perf_counter() - wall,
+            "wall_seconds": time.perf_counter() - wall_start,
+            **extra,
         },
     )
     if out is not None:
         atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         plot_curves(
-            {config.algorithm: [r.to_json() for r in state.history]},
+            {config.algorithm: [r.to_json() for r in history]},
             out / CURVES,
-            title=f"{config.algorithm} on {config.data.dataset}, {data.num_clients} clients",
+            title=f"{config.algorithm} on {config.data.dataset}, "
+            f"{config.data.clients} clients ({extra['engine']} engine)",
         )
-    return RunResult(summary=summary, history=state.history, out_dir=out)
+    return RunResult(summary=summary, history=history, out_dir=out)
 
 
 def run(
@@ -177,7 +191,12 @@ def run(
     if config.engine == "flower":
         from fedrir.flower.runner import run_flower
 
-        return run_flower(config, None if out is None else _new_out(config, out), progress=progress)
+        return run_flower(
+            config,
+            None if out is None else _new_out(config, out),
+            progress=progress,
+            on_round=on_round,
+        )
     return _execute(
         config, None if out is None else _new_out(config, out), progress, False, on_round
     )
@@ -192,7 +211,13 @@ def _new_out(config: Config, out: str | Path) -> Path:
     return path
 
 
-def resume(out: str | Path, rounds: int | None = None, *, progress: bool = False) -> RunResult:
+def resume(
+    out: str | Path,
+    rounds: int | None = None,
+    *,
+    progress: bool = False,
+    on_round: Callable[[RoundRecord | None, int], None] | None = None,
+) -> RunResult:
     """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``)."""
     path = Path(out)
     if not (path / CONFIG).exists():
@@ -202,4 +227,4 @@ def resume(out: str | Path, rounds: int | None = None, *, progress: bool = False
         config = dataclasses.replace(config, rounds=rounds)
     if config.engine == "flower":
         raise FedrirError("runs on the flower engine cannot be resumed here; rerun them")
-    return _execute(config, path, progress, True, None)
+    return _execute(config, path, progress, True, on_round)

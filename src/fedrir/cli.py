@@ -135,6 +135,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the per-client numbers as JSON")
     p.add_argument("--heatmap", metavar="PNG", help="where to write the labels × clients heatmap")
     p.set_defaults(handler=cmd_partition)
+
+    from fedrir.compare import add_compare_command
+
+    add_compare_command(sub)
     return parser
 
 

@@ -137,17 +137,15 @@ class GridProgress:
             dynamic_ncols=True,
         )
         self.run = ""
-        self.accuracy = ""
 
     def start(self, algorithm: str, seed: int) -> None:
-        self.run, self.accuracy = f"{algorithm} seed {seed}", ""
+        self.run = f"{algorithm} seed {seed}"
         self.bar.set_postfix_str(self.run)
 
     def to(self, position: int, record: RoundRecord | None = None) -> None:
         """Move to grid round ``position``; ``record`` is the round's evaluation, if it had one."""
         if record is not None:
-            self.accuracy = f"{100 * record.accuracy:.2f}%"
-            self.bar.set_postfix_str(f"{self.run} acc {self.accuracy}")
+            self.bar.set_postfix_str(f"{self.run} acc {100 * record.accuracy:.2f}%")
         self.bar.update(position - self.bar.n)
 
     def close(self) -> None:
@@ -158,15 +156,19 @@ def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None
     """Run, continue, or (when finished before) skip one cell of the grid."""
     bar.start(config.algorithm, config.seed)
     if not (path / api.SUMMARY).exists():
+        if (path / api.CONFIG).exists() and config.engine == "flower":
+            raise FedrirError(
+                f"{path} is an unfinished run on the flower engine, which cannot be resumed; "
+                "delete that folder and rerun the compare to redo it"
+            )
+
+        def on_round(record: RoundRecord | None, r: int) -> None:
+            bar.to(offset + r, record)
+
         if (path / api.CONFIG).exists():
-            if config.engine == "flower":
-                raise FedrirError(
-                    f"{path} is an unfinished run on the flower engine, which cannot be resumed; "
-                    "delete that folder and rerun the compare to redo it"
-                )
-            api.resume(path)  # takes no on_round: the bar jumps when the run is done
+            api.resume(path, on_round=on_round)
         else:
-            api.run(config, path, on_round=lambda record, r: bar.to(offset + r, record))
+            api.run(config, path, on_round=on_round)
     bar.to(offset + config.rounds)
 
 
@@ -323,7 +325,7 @@ def compare(
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    """The invocation as typed, rebuilt from the parsed flags (for the results header)."""
+    """An invocation equivalent to the one typed, rebuilt from the parsed flags (for the header)."""
     parts = ["--algorithms", args.algorithms, "--seeds", args.seeds]
     if args.config:
         parts += ["--config", args.config]

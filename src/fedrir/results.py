@@ -122,7 +122,10 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str 
         ax_loss.plot(rounds, [r["loss"] for r in rows], marker=".", label=name)
     ax_acc.set(xlabel="round", ylabel="personalized accuracy (%)", title="accuracy")
     ax_loss.set(xlabel="round", ylabel="test loss", title="loss")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=8)

@@ -62,6 +62,10 @@ class Runtime:
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return module
 
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the memory format the modules were prepared for."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 

@@ -191,9 +191,6 @@ class FedRIR(Algorithm):
             for idx in batches(data.num_train, cfg.batch_size, rng, drop_last=True)
         ]
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else x
-
     def _train_mcsl(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         """Stage 1: masked reconstruction + KL; updates CSFE and generator only."""
         assert self.opt_mcsl is not None
@@ -202,7 +199,7 @@ class FedRIR(Algorithm):
         kl_sum = torch.zeros((), device=self.runtime.device)
         steps = 0
         for idx in self._batches(data, rng):
-            x = self._input(data.train_x[idx])
+            x = self.runtime.input(data.train_x[idx])
             masked = mask_patches(x, opts.mask_ratio, opts.patch_size, rng)
             with self.runtime.autocast():
                 mean, logvar = m["csfe"](masked).float().chunk(2, dim=1)
@@ -240,7 +237,7 @@ class FedRIR(Algorithm):
         correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = steps = 0
         for idx in self._batches(data, rng):
-            x, y = self._input(data.train_x[idx]), data.train_y[idx]
+            x, y = self.runtime.input(data.train_x[idx]), data.train_y[idx]
             with self.runtime.autocast():
                 f_cs = self._features(x) if opts.mcsl else None
                 f_g = m[SHARED](x)
@@ -276,7 +273,7 @@ class FedRIR(Algorithm):
         loss_sum = torch.zeros((), device=dev)
         with torch.no_grad(), self.runtime.autocast():
             for start in range(0, data.num_test, EVAL_BATCH):
-                x = self._input(data.test_x[start : start + EVAL_BATCH])
+                x = self.runtime.input(data.test_x[start : start + EVAL_BATCH])
                 y = data.test_y[start : start + EVAL_BATCH]
                 f_cs = (
                     self.modules["csfe"](x)[:, : self.dim].float()

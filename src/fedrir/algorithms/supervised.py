@@ -191,7 +191,7 @@ class Supervised(Algorithm):
         loss_sum = torch.zeros((), device=dev)
         with torch.no_grad(), self.runtime.autocast():
             for start in range(0, data.num_test, EVAL_BATCH):
-                x = self._input(data.test_x[start : start + EVAL_BATCH])
+                x = self.runtime.input(data.test_x[start : start + EVAL_BATCH])
                 y = data.test_y[start : start + EVAL_BATCH]
                 logits = self._predict(x).float()
                 loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -199,9 +199,6 @@ class Supervised(Algorithm):
         return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
 
     # --- training loops -----------------------------------------------------------------------
-
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else x
 
     def _step(
         self,
@@ -235,7 +232,7 @@ class Supervised(Algorithm):
         for _ in range(epochs):
             for idx in batches(data.num_train, self.config.train.batch_size, rng, drop_last=True):
                 y = data.train_y[idx]
-                loss, logits = step(self._input(data.train_x[idx]), y)
+                loss, logits = step(self.runtime.input(data.train_x[idx]), y)
                 loss_sum += loss
                 correct += (logits.argmax(dim=1) == y).sum()
                 seen += len(y)

@@ -12,7 +12,7 @@ class Dataset:
     """A dataset with its official train and test sets merged into one pool (the PFLlib protocol).
 
     ``images`` are uint8, ``[N, C, H, W]``; ``labels`` int64 ``[N]``. ``domains`` (int64 ``[N]``)
-    is set for natural feature-shift datasets: one client per domain under the ``natural`` partition.
+    is set for natural feature-shift datasets: one client per domain under ``natural``.
     """
 
     name: str
@@ -23,7 +23,7 @@ class Dataset:
     domain_names: tuple[str, ...] = ()
     test_mask: torch.Tensor | None = None
     """For data that arrives already split per client (a PFLlib import): True where a sample was
-    in its client's test set. The ``natural`` partition then keeps that split instead of drawing one."""
+    in its client's test set. The ``natural`` partition keeps that split instead of drawing one."""
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.dim() == 4, self.images.shape

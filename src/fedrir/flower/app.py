@@ -16,7 +16,6 @@ Messages:
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
@@ -38,7 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, State, Task
-from fedrir.api import CONFIG, CURVES, METRICS, SUMMARY, RunResult, default_out_dir, prepare
+from fedrir.api import CONFIG, METRICS, RunResult, default_out_dir, finish_run, prepare
 from fedrir.config import KEYS, Config, config_to_toml, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
@@ -48,7 +47,12 @@ from fedrir.flower.records import from_record, to_record
 from fedrir.flower.strategy import CONFIG as CONFIG_RECORD
 from fedrir.flower.strategy import METRICS as METRICS_RECORD
 from fedrir.flower.strategy import NUM_EXAMPLES, PAYLOAD, FedrirStrategy
-from fedrir.results import RoundRecord, append_metrics, atomic_write, plot_curves, summarize, write_metrics
+from fedrir.results import (
+    RoundRecord,
+    append_metrics,
+    atomic_write,
+    write_metrics,
+)
 
 APP_SETTINGS: dict[str, UserConfigValue] = {"out-dir": "", "timeout": 600.0}
 """Run-config keys of the app, not of the fedrir config: where the ServerApp writes its files
@@ -103,7 +107,7 @@ def _prepared(config: Config) -> tuple[Algorithm, FederatedData]:
 def _client(context: Context, load: ConfigSource) -> tuple[Config, Algorithm, ClientData, int]:
     config = load(context)
     algorithm, data = _prepared(config)
-    partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    partition = int(context.node_config["partition-id"])
     if not 0 <= partition < data.num_clients:
         raise FedrirError(
             f"this node holds partition {partition}, but the run has {data.num_clients} clients"
@@ -124,10 +128,11 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        _, algorithm, _, partition = _client(context, load)
+        """Which client this node holds; the server leaves a node beyond the run's clients idle."""
+        algorithm, _ = _prepared(load(context))
         info = ConfigRecord(
             {
-                "partition-id": partition,
+                "partition-id": int(context.node_config["partition-id"]),
                 "input-shape": list(algorithm.task.input_shape),
                 "num-classes": algorithm.task.num_classes,
             }
@@ -208,8 +213,13 @@ def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[
                 raise FedrirError(f"node {node} reports {reported}, others {task}")
             task = reported
             if partition >= num_clients:
-                log(WARNING, "node %d holds partition %d, beyond the run's %d clients: idle",
-                    node, partition, num_clients)
+                log(
+                    WARNING,
+                    "node %d holds partition %d, beyond the run's %d clients: idle",
+                    node,
+                    partition,
+                    num_clients,
+                )
             elif partition in nodes:
                 raise FedrirError(
                     f"nodes {nodes[partition]} and {node} both hold partition {partition}"
@@ -251,30 +261,13 @@ def serve(
         num_rounds=config.rounds,
         timeout=timeout,
     )
-    summary = summarize(
+    return finish_run(
+        algorithm,
         strategy.history,
-        {
-            "algorithm": config.algorithm,
-            "dataset": config.data.dataset,
-            "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
-            "clients": config.data.clients,
-            "device": str(algorithm.runtime.device),
-            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
-            "parameters": algorithm.parameter_counts(),
-            "wall_seconds": time.perf_counter() - wall,
-            "engine": "flower",
-            "bytes_evaluation_downloaded": strategy.bytes_eval_down,
-        },
+        out,
+        wall,
+        {"engine": "flower", "bytes_evaluation_downloaded": strategy.bytes_eval_down},
     )
-    if out is not None:
-        atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        plot_curves(
-            {config.algorithm: [r.to_json() for r in strategy.history]},
-            out / CURVES,
-            title=f"{config.algorithm} on {config.data.dataset}, {config.data.clients} clients "
-            "(Flower)",
-        )
-    return RunResult(summary=summary, history=strategy.history, out_dir=out)
 
 
 def _out_dir(run_config: Mapping[str, UserConfigValue], config: Config) -> Path:
@@ -288,7 +281,7 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     config = config_from_context(context)
-    timeout = float(context.run_config.get("timeout", APP_SETTINGS["timeout"]))  # type: ignore[arg-type]
+    timeout = float(context.run_config.get("timeout", APP_SETTINGS["timeout"]))
     serve(grid, config, _out_dir(context.run_config, config), timeout)
 
 

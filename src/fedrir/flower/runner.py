@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flwr.app import Context
@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrir.api import Progress, RunResult
 from fedrir.config import Config
 from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
+from fedrir.results import RoundRecord
 
 RAY_CPUS = 2
 """CPUs Ray may use in all; each ClientApp takes one."""
@@ -51,8 +52,14 @@ def offline_flower() -> Iterator[None]:
                     os.environ[k] = v
 
 
-def run_flower(config: Config, out: Path | None, progress: bool = False) -> RunResult:
-    """Run ``config`` on Flower's simulation engine with one SuperNode per client."""
+def run_flower(
+    config: Config,
+    out: Path | None,
+    progress: bool = False,
+    on_round: Callable[[RoundRecord | None, int], None] | None = None,
+) -> RunResult:
+    """Run ``config`` on Flower's simulation engine with one SuperNode per client;
+    ``on_round(record, round)`` after each round, as ``fedrir.run`` has it."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -60,10 +67,15 @@ def run_flower(config: Config, out: Path | None, progress: bool = False) -> RunR
     bar = Progress(config, 0, progress)
     server = ServerApp()
 
+    def after_round(record: RoundRecord | None, round_: int) -> None:
+        bar(record, round_)
+        if on_round is not None:
+            on_round(record, round_)
+
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         timeout = float(APP_SETTINGS["timeout"])
-        results.append(serve(grid, config, out, timeout, on_round=bar))
+        results.append(serve(grid, config, out, timeout, on_round=after_round))
 
     try:
         with offline_flower():

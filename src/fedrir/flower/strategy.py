@@ -81,22 +81,23 @@ class FedrirStrategy(Strategy):
         messages = []
         for p in partitions:
             if self.nodes[p] in live:
+                node = self.nodes[p]
                 messages.append(
-                    Message(content, dst_node_id=self.nodes[p], message_type=kind, group_id=str(round_))
+                    Message(content, dst_node_id=node, message_type=kind, group_id=str(round_))
                 )
             else:
                 log(WARNING, "round %d: client %d (node %d) is gone", round_, p, self.nodes[p])
         return messages
 
     def _answers(self, replies: Iterable[Message], round_: int) -> list[tuple[int, Message]]:
-        """The replies that carry content, by partition id; errors mean the client dropped out."""
+        """The replies that carry content, by partition id. An error means that the client
+        dropped out; the SuperLink sends it in the name of a node that left, from its own id."""
         answers = []
         for reply in replies:
-            p = self.partition[reply.metadata.src_node_id]
             if reply.has_error():
-                log(INFO, "round %d: client %d took no part: %s", round_, p, reply.error.reason)
+                log(INFO, "round %d: a client took no part: %s", round_, reply.error.reason)
             else:
-                answers.append((p, reply))
+                answers.append((self.partition[reply.metadata.src_node_id], reply))
         return sorted(answers, key=lambda a: a[0])
 
     def _content(self, arrays: ArrayRecord, round_: int) -> tuple[Payload, RecordDict]:
@@ -138,7 +139,8 @@ class FedrirStrategy(Strategy):
         if not rounds.is_eval_round(self.config, server_round):
             return []
         _, content = self._content(arrays, server_round)
-        messages = self._messages(grid, sorted(self.nodes), content, MessageType.EVALUATE, server_round)
+        kind = MessageType.EVALUATE
+        messages = self._messages(grid, sorted(self.nodes), content, kind, server_round)
         self.bytes_eval_down += message_bytes(messages)
         return messages
 
