@@ -50,11 +50,11 @@ class Partitioner(ABC):
         self._rng = np.random.default_rng(seed)
 
     @classmethod
-    @abstractmethod
     def from_config(
         cls, cfg: DataConfig, num_classes: int, seed: int, batch_size: int
     ) -> Partitioner:
-        """Build this partitioner from the run's data settings."""
+        """Build this partitioner from the run's data settings (by default: clients and seed)."""
+        return cls(cfg.clients, seed)
 
     @abstractmethod
     def _assign(self, labels: IntArray, domains: IntArray | None) -> IntArray:
@@ -146,12 +146,6 @@ class IidPartitioner(Partitioner):
     """A seeded shuffle split into near-equal parts (sizes differ by at most one)."""
 
     name = "iid"
-
-    @classmethod
-    def from_config(
-        cls, cfg: DataConfig, num_classes: int, seed: int, batch_size: int
-    ) -> Partitioner:
-        return cls(cfg.clients, seed)
 
     def _assign(self, labels: IntArray, domains: IntArray | None) -> IntArray:
         n = len(labels)
@@ -402,12 +396,6 @@ class NaturalPartitioner(Partitioner):
     """One client per domain (natural feature shift); client i holds the i-th domain id."""
 
     name = "natural"
-
-    @classmethod
-    def from_config(
-        cls, cfg: DataConfig, num_classes: int, seed: int, batch_size: int
-    ) -> Partitioner:
-        return cls(cfg.clients, seed)
 
     def _assign(self, labels: IntArray, domains: IntArray | None) -> IntArray:
         if domains is None:
