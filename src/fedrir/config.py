@@ -42,6 +42,9 @@ class DataConfig:
     """Dirichlet concentration for ``dir`` and ``exdir``; smaller is more skewed."""
     classes_per_client: int = 0
     """Classes per client for ``pat`` and ``exdir``; 0 picks 2 for 10 classes, 10 for 100."""
+    min_samples: int = 0
+    """Smallest client ``dir`` accepts (it redraws until every client has this many samples);
+    0 is PFLlib's rule, min(batch_size / (1 − train_ratio), samples / clients / 2)."""
     train_ratio: float = 0.75
     """Share of each client's samples in its local training set (the rest is its test set)."""
     val_ratio: float = 0.0
@@ -62,6 +65,7 @@ class DataConfig:
         _check(self.clients >= 1, "clients", "need at least 1 client")
         _check(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "must be a positive number")
         _check(self.classes_per_client >= 0, "classes_per_client", "must be >= 0 (0 = automatic)")
+        _check(self.min_samples >= 0, "min_samples", "must be >= 0 (0 = PFLlib's rule)")
         _check(0 < self.train_ratio < 1, "train_ratio", "must be strictly between 0 and 1")
         _check(0 <= self.val_ratio < 1, "val_ratio", "must be in [0, 1)")
         _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]")

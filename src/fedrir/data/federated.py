@@ -137,6 +137,7 @@ def cache_key(cfg: DataConfig, dataset: Dataset, seed: int, batch_size: int) -> 
         "alpha": cfg.alpha,
         "classes_per_client": cfg.classes_per_client,
         "train_ratio": cfg.train_ratio,
+        "min_samples": cfg.min_samples,
         "val_ratio": cfg.val_ratio,
         "seed": seed,
         "batch_size": batch_size,

@@ -228,7 +228,8 @@ class DirichletPartitioner(_ClassPartitioner):
     Classes are dealt in order; a client already holding ≥ N/clients samples gets no share of
     the next classes. The whole draw is repeated until every client holds at least
     ``min(batch_size / (1 − train_ratio), N / clients / 2)`` samples (PFLlib's rule: a full batch
-    of local test data, or half the average when that is smaller), at most ``max_retries`` times.
+    of local test data, or half the average when that is smaller) or ``min_samples`` when given,
+    at most ``max_retries`` times.
     """
 
     name = "dir"
@@ -242,6 +243,7 @@ class DirichletPartitioner(_ClassPartitioner):
         batch_size: int = 100,
         train_ratio: float = 0.75,
         max_retries: int = 1000,
+        min_samples: int = 0,
     ) -> None:
         super().__init__(num_clients, num_classes, seed)
         if not (alpha > 0 and math.isfinite(alpha)):
@@ -255,15 +257,26 @@ class DirichletPartitioner(_ClassPartitioner):
         self.batch_size = batch_size
         self.train_ratio = train_ratio
         self.max_retries = max_retries
+        self.min_samples = min_samples
 
     @classmethod
     def from_config(
         cls, cfg: DataConfig, num_classes: int, seed: int, batch_size: int
     ) -> Partitioner:
-        return cls(cfg.clients, num_classes, cfg.alpha, seed, batch_size, cfg.train_ratio)
+        return cls(
+            cfg.clients,
+            num_classes,
+            cfg.alpha,
+            seed,
+            batch_size,
+            cfg.train_ratio,
+            min_samples=cfg.min_samples,
+        )
 
     def min_size(self, n: int) -> int:
-        """The smallest client PFLlib accepts for a pool of ``n`` samples."""
+        """The smallest client accepted for a pool of ``n`` samples (PFLlib's rule by default)."""
+        if self.min_samples:
+            return self.min_samples
         return max(1, int(min(self.batch_size / (1 - self.train_ratio), n / self.num_clients / 2)))
 
     def _assign(self, labels: IntArray, domains: IntArray | None) -> IntArray:
@@ -285,8 +298,8 @@ class DirichletPartitioner(_ClassPartitioner):
         raise DataError(
             f"dir partition: {self.max_retries} draws with alpha={self.alpha} over "
             f"{self.num_clients} clients never gave every client {need} of the {n} samples "
-            f"(at best the smallest had {best}); use fewer clients, a larger alpha or a "
-            "smaller batch_size"
+            f"(at best the smallest had {best}); use fewer clients, a larger alpha, a larger "
+            "fraction or a smaller min_samples"
         )
 
 
