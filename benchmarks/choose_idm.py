@@ -4,7 +4,7 @@ Each client's training data is split 80/20 (``val_ratio = 0.2``) and every varia
 on the held-out 20 %; the clients' test sets are never touched. Finished runs are kept under
 ``--out`` and not redone, so an interrupted grid continues where it stopped.
 
-    python benchmarks/choose_idm.py --fraction 0.25 --rounds 10 --seeds 0,1
+    python benchmarks/choose_idm.py --fraction 0.25 --rounds 10 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument(
+        "--min-samples", type=int, default=200, help="smallest client (PFLlib's rule is 400 here)"
+    )
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/runs/choose_idm"))
     args = parser.parse_args()
     base = with_overrides(
@@ -42,6 +45,7 @@ def main() -> None:
             "fraction": args.fraction,
             "clients": args.clients,
             "alpha": args.alpha,
+            "min_samples": args.min_samples,
             "rounds": args.rounds,
             "val_ratio": 0.2,
         },
@@ -64,7 +68,8 @@ def main() -> None:
         rows.append((name, finals, bests))
     print(
         f"\nvalidation accuracy (%), {args.dataset} fraction {args.fraction}, {args.clients} "
-        f"clients, dir α={args.alpha}, {args.rounds} rounds, seeds {args.seeds}"
+        f"clients (≥ {args.min_samples} samples), dir α={args.alpha}, {args.rounds} rounds, "
+        f"seeds {args.seeds}"
     )
     print("| variant | final (mean ± std) | best (mean ± std) |\n|---|---|---|")
     for name, finals, bests in rows:

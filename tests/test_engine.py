@@ -17,6 +17,7 @@ import fedrir
 from fedrir.cli import main
 from fedrir.config import Config, with_overrides
 from fedrir.engine.rounds import plan_round
+from fedrir.errors import FedrirError
 from fedrir.results import read_metrics
 
 
@@ -145,11 +146,24 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     ]
 
 
-def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+def test_resume_can_extend_a_finished_run_but_not_shorten_it(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    fedrir.run(small(tmp_path, rounds=1), out=out)
-    longer = fedrir.resume(out, rounds=2)
-    assert [r.round for r in longer.history] == [1, 2]
+    fedrir.run(small(tmp_path, rounds=2), out=out)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FedrirError, match="already run 2 rounds"):
+        fedrir.resume(out, rounds=1)
+    assert (out / "metrics.jsonl").read_text() == before
+    longer = fedrir.resume(out, rounds=3)
+    assert [r.round for r in longer.history] == [1, 2, 3]
+
+
+def test_resume_without_a_checkpoint_keeps_the_results(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fedrir.run(small(tmp_path, rounds=1, checkpoint_every=0), out=out)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FedrirError, match="no checkpoint"):
+        fedrir.resume(out, rounds=2)
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize(
@@ -162,6 +176,12 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
         (["run", "--resume", "/nonexistent-run"], "holds no run to resume"),
         (["run", "--alpha", "-0.1"], "invalid value for 'alpha'"),
         (["run", "--device", "tpu"], "invalid value for 'device'"),
+        (["run", "--device", "cuda:abc"], "invalid value for 'device'"),
+        (["run", "--lr", "inf"], "invalid value for 'lr'"),
+        (["run", "--idm-weight", "nan"], "invalid value for 'idm_weight'"),
+        (["run", "--out", "/etc/hostname"], "is a file, not a folder"),
+        (["compare", "--algorithms", "fedavg", "--out", "/etc/hostname"], "not a folder"),
+        (["run", "--resume", "/nonexistent-run", "--out", "x"], "only --rounds may be changed"),
     ],
 )
 def test_bad_input_is_one_clear_line(

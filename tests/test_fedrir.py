@@ -126,26 +126,46 @@ def test_stage_two_updates_only_gfe_idm_and_head(client: ClientData, idm: str) -
     assert _changed(before, algo) == {"gfe", "idm", "head"}
     # the frozen CSFE still runs in training mode: its BatchNorm statistics move
     assert not torch.equal(csfe_stats, algo.modules["csfe"].trunk[1].running_mean)
-    assert set(metrics) == {"train_loss", "idm_loss", "train_accuracy"}
+    assert set(metrics) == {"train_loss", "idm_loss", "train_accuracy"} | (
+        {"idm_fit"} if idm == "club" else set()
+    )
 
 
-def test_club_gives_the_gfe_the_bound_and_the_idm_only_the_fit(client: ClientData) -> None:
-    algo = make_algo(idm="club", idm_weight=1.0)
+def _grads(algo: FedRIR, module: str) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in algo.modules[module].parameters()]
+
+
+@pytest.mark.parametrize("idm", ["nll", "club"])
+def test_idm_gradients_reach_the_right_modules(client: ClientData, idm: str) -> None:
+    """nll: λ·NLL into IDM and GFE alike. club: the NLL into the IDM only, λ·bound into the GFE."""
+    weight = 0.5
+    algo = make_algo(idm=idm, idm_weight=weight)
     algo._load(algo.init_server(0), algo.init_client(0, 1))
     x = client.train_x[:20]
     f_cs = algo._features(x)
-    f_g = algo.modules["gfe"](x)
-    # the IDM's gradient must equal that of the fitting loss alone
+    gfe, q = algo.modules["gfe"], algo.modules["idm"]
     algo.modules.zero_grad()
-    algo._idm_loss(f_g, f_cs).backward()
-    idm_grad = [p.grad.clone() for p in algo.modules["idm"].parameters()]
-    gfe_grad = algo.modules["gfe"].fc.weight.grad.clone()
-    algo.modules.zero_grad()
-    mu, logvar = algo.modules["idm"](f_g.detach())
-    gaussian_nll(mu, logvar, f_cs).backward()
-    for got, want in zip(idm_grad, algo.modules["idm"].parameters(), strict=True):
-        assert torch.allclose(got, want.grad, atol=1e-6)
-    assert gfe_grad.abs().sum() > 0  # the bound reaches the GFE
+    total, reported = algo._idm_loss(gfe(x), f_cs)
+    total.backward()
+    got_gfe, got_idm = _grads(algo, "gfe"), _grads(algo, "idm")
+
+    algo.modules.zero_grad()  # what the IDM should get
+    f_g = gfe(x)
+    mu, logvar = q(f_g if idm == "nll" else f_g.detach())
+    fit = gaussian_nll(mu, logvar, f_cs)
+    (weight * fit if idm == "nll" else fit).backward()
+    for got, want in zip(got_idm, _grads(algo, "idm"), strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+    algo.modules.zero_grad()  # what the GFE should get
+    mu, logvar = q(gfe(x))
+    term = weight * (gaussian_nll if idm == "nll" else club_bound)(mu, logvar, f_cs)
+    term.backward()
+    want_gfe = _grads(algo, "gfe")
+    assert any(g.abs().sum() > 0 for g in want_gfe)
+    for got, want in zip(got_gfe, want_gfe, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(reported, term.detach())
 
 
 def test_optimizer_state_persists_across_rounds(client: ClientData) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, Task
@@ -26,10 +26,15 @@ from fedrir.results import (
     RoundRecord,
     append_metrics,
     atomic_write,
+    check_out_dir,
+    make_out_dir,
     plot_curves,
     summarize,
     write_metrics,
 )
+
+if TYPE_CHECKING:
+    from fedrir.engine.checkpoint import Snapshot
 
 CONFIG, METRICS, SUMMARY, CURVES, CHECKPOINT = (
     "config.toml",
@@ -115,11 +120,13 @@ def _execute(
     checkpointer = None
     snapshot = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out)
+        if resuming:
+            snapshot = load_snapshot(out / CHECKPOINT, data.num_clients)
+            _check_resumable(out, snapshot, config.rounds)
         atomic_write(out / CONFIG, config_to_toml(config))
         if config.checkpoint_every:
             checkpointer = Checkpointer(out / CHECKPOINT)
-        snapshot = load_snapshot(out / CHECKPOINT, data.num_clients) if resuming else None
     state = (
         SimState.from_snapshot(snapshot)
         if snapshot is not None
@@ -143,6 +150,20 @@ def _execute(
     finally:
         bar.close()
     return finish_run(algorithm, state.history, out, wall, {"engine": "sim"})
+
+
+def _check_resumable(out: Path, snapshot: Snapshot | None, rounds: int) -> None:
+    """Refuse a resume that would throw away rounds already run."""
+    if snapshot is None:
+        if (out / METRICS).exists() and (out / METRICS).stat().st_size > 0:
+            raise FedrirError(
+                f"{out} has evaluated rounds but no checkpoint (checkpoint_every = 0?), so it "
+                "cannot be resumed; rerun it into another --out"
+            )
+    elif snapshot.round > rounds:
+        raise FedrirError(
+            f"{out} has already run {snapshot.round} rounds; resume with --rounds of at least that"
+        )
 
 
 def finish_run(
@@ -204,6 +225,7 @@ def run(
 
 def _new_out(config: Config, out: str | Path) -> Path:
     path = default_out_dir(config) if out == "auto" else Path(out)
+    check_out_dir(path)  # fail before loading data, not after
     if (path / CONFIG).exists():
         raise FedrirError(
             f"{path} already holds a run; continue it with --resume {path}, or pick another --out"

@@ -56,11 +56,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedrir.results import format_summary
 
     if args.resume:
-        given = [n for n in KEYS if hasattr(args, n) and n != "rounds"]
-        if given or args.config:
+        given = [_flag(n) for n in KEYS if hasattr(args, n) and n != "rounds"]
+        given += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
+        if given:
             raise FedrirError(
                 "--resume continues a run with its saved config.toml; only --rounds may be "
-                f"changed (got: {', '.join(given) or '--config'})"
+                f"changed (got: {', '.join(given)})"
             )
         result = resume(args.resume, getattr(args, "rounds", None), progress=not args.quiet)
     else:

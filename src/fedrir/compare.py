@@ -24,7 +24,7 @@ from fedrir import api
 from fedrir.algorithms import get_algorithm
 from fedrir.config import KEYS, Config, config_to_toml, load_config, with_overrides
 from fedrir.errors import ConfigError, FedrirError
-from fedrir.results import RoundRecord, atomic_write, plot_curves, read_metrics
+from fedrir.results import RoundRecord, atomic_write, make_out_dir, plot_curves, read_metrics
 
 GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES = (
     "compare.toml",
@@ -111,9 +111,9 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
                 f"it, pass --config {grid} (and no other settings), or pick another --out"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    make_out_dir(out)
+    if any(out.iterdir()):
         raise FedrirError(f"{out} is not empty and holds no compare ({GRID}); pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
     header = (
         "# Settings shared by every run of the fedrir compare in this folder. The grid sets\n"
         "# `algorithm` and `seed` per run (first run: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -23,6 +24,10 @@ from fedrir.errors import ConfigError
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"invalid value for '{key}': {message}")
+
+
+def _finite_nonneg(value: float) -> bool:
+    return value >= 0 and math.isfinite(value)
 
 
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
@@ -84,7 +89,7 @@ class TrainConfig:
     """Width of the feature the shared backbone outputs (FedRIR's d)."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", "must be positive")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
         _one_of(self.optimizer, "optimizer", ("adam", "sgd"))
@@ -114,9 +119,9 @@ class FedRIRConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
         _check(self.patch_size >= 1, "patch_size", "must be >= 1")
-        _check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
+        _check(_finite_nonneg(self.kl_weight), "kl_weight", "must be a number >= 0")
         _one_of(self.idm, "idm", IDM_VARIANTS)
-        _check(self.idm_weight >= 0, "idm_weight", "must be >= 0")
+        _check(_finite_nonneg(self.idm_weight), "idm_weight", "must be a number >= 0")
         _check(
             self.mcsl or self.idm == "none",
             "idm",
@@ -141,10 +146,10 @@ class BaselineConfig:
     """APFL: initial mixing weight of the personal model (then learned)."""
 
     def __post_init__(self) -> None:
-        _check(self.prox_mu >= 0, "prox_mu", "must be >= 0")
+        _check(_finite_nonneg(self.prox_mu), "prox_mu", "must be a number >= 0")
         _check(self.ft_epochs >= 0, "ft_epochs", "must be >= 0")
         _check(self.head_epochs >= 1, "head_epochs", "must be >= 1")
-        _check(self.ditto_lambda >= 0, "ditto_lambda", "must be >= 0")
+        _check(_finite_nonneg(self.ditto_lambda), "ditto_lambda", "must be a number >= 0")
         _check(0 <= self.apfl_alpha <= 1, "apfl_alpha", "must be in [0, 1]")
 
 
@@ -192,7 +197,7 @@ class Config:
         _one_of(self.engine, "engine", ENGINES)
         _one_of(self.precision, "precision", PRECISIONS)
         _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
             f"{self.device!r} is not auto, cpu, cuda or cuda:N",
         )
@@ -328,8 +333,3 @@ def config_to_toml(config: Config) -> str:
         sub = getattr(config, section)
         lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in fields(sub)]
     return "\n".join(lines) + "\n"
-
-
-def config_to_dict(config: Config) -> dict[str, Any]:
-    """The nested plain-data form of a config (for JSON and Flower's run config)."""
-    return dataclasses.asdict(config)

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms.base import Evaluation
+from fedrir.errors import FedrirError
 
 
 @dataclass(frozen=True)
 class RoundRecord:
     """One evaluated round. Byte counts and ``seconds`` are this round's; ``*_total`` and
-    ``elapsed`` (training, aggregation and evaluation time of all rounds so far) are cumulative."""
+    ``elapsed`` are cumulative. Times cover training, aggregation and evaluation; writing
+    checkpoints and loading data are not in them (the summary's ``wall_seconds`` has everything)."""
 
     round: int
     accuracy: float
@@ -81,6 +83,21 @@ def summarize(records: Sequence[RoundRecord], extra: dict[str, Any]) -> dict[str
         "seconds_per_round": seconds / last.round,
         **extra,
     }
+
+
+def check_out_dir(path: Path) -> None:
+    """Stop early when the result folder ``path`` is an existing file."""
+    if path.exists() and not path.is_dir():
+        raise FedrirError(f"{path} is a file, not a folder; pick another --out")
+
+
+def make_out_dir(path: Path) -> None:
+    """Create the result folder ``path`` (and its parents), or say in one line why it cannot be."""
+    check_out_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedrirError(f"cannot create {path} ({e.strerror}); pick another --out") from None
 
 
 def atomic_write(path: Path, text: str) -> None:

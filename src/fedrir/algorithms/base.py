@@ -25,11 +25,13 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 
+EVAL_BATCH = 1000
 M = TypeVar("M", bound=nn.Module)
 Payload = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -91,6 +93,23 @@ class Evaluation:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+
+def test_accuracy(
+    runtime: Runtime, data: ClientData, predict: Callable[[torch.Tensor], torch.Tensor]
+) -> Evaluation:
+    """Correct predictions and summed cross-entropy of ``predict`` (images → logits) on the
+    client's test set, in batches, without gradients; the caller sets the modules' mode."""
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=runtime.device)
+    with torch.no_grad(), runtime.autocast():
+        for start in range(0, data.num_test, EVAL_BATCH):
+            x = runtime.input(data.test_x[start : start + EVAL_BATCH])
+            y = data.test_y[start : start + EVAL_BATCH]
+            logits = predict(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+    return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
 
 
 def derive_seed(*keys: int) -> int:
@@ -232,14 +251,6 @@ class Algorithm(ABC):
             return server
         return weighted_mean([(p, float(n)) for p, n in updates])
 
+    @abstractmethod
     def parameter_counts(self) -> dict[str, int]:
-        """Numbers of shared and private parameters, for side-by-side reporting."""
-        server = self.broadcast(self.init_server(0))
-        client = self.init_client(0, 0)
-        shared = sum(t.numel() for t in server.values() if t.is_floating_point())
-        private = sum(
-            t.numel()
-            for k, t in client.items()
-            if k.startswith("model/") and k[6:] not in server and t.is_floating_point()
-        )
-        return {"shared": shared, "private": private}
+        """Numbers of shared (travelling) and private parameters, for side-by-side reporting."""

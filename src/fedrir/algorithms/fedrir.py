@@ -42,13 +42,13 @@ from fedrir.algorithms.base import (
     module_state,
     optimizer_state,
     seeded_init,
+    test_accuracy,
 )
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
 from fedrir.models.cnn import Encoder, GaussianMLP, Generator
 
-EVAL_BATCH = 1000
 SHARED = "gfe"  # the one module whose parameters travel
 
 
@@ -216,24 +216,29 @@ class FedRIR(Algorithm):
             steps += 1
         return {"recon_loss": recon_sum.item() / steps, "kl": kl_sum.item() / steps}
 
-    def _idm_loss(self, f_g: torch.Tensor, f_cs: torch.Tensor) -> torch.Tensor:
-        idm = self.modules["idm"]
+    def _idm_loss(self, f_g: torch.Tensor, f_cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, IDM term of the GFE's objective, as reported).
+
+        ``nll``: λ·NLL of q(f_cs | f_g) into IDM and GFE alike. ``club``: the NLL fits q on detached
+        features (IDM only) and the GFE gets λ·CLUB bound through a frozen copy of q.
+        """
+        idm, weight = self.modules["idm"], self.config.fedrir.idm_weight
         if self.config.fedrir.idm == "nll":
             mu, logvar = idm(f_g)
-            return self.config.fedrir.idm_weight * gaussian_nll(mu.float(), logvar.float(), f_cs)
-        # club: q is fitted on detached features (IDM only); the GFE gets the bound (IDM frozen)
+            nll = weight * gaussian_nll(mu.float(), logvar.float(), f_cs)
+            return nll, nll
         mu, logvar = idm(f_g.detach())
         fit = gaussian_nll(mu.float(), logvar.float(), f_cs)
         frozen = {k: v.detach() for k, v in idm.named_parameters()}
         mu, logvar = functional_call(idm, frozen, (f_g,))
-        bound = club_bound(mu.float(), logvar.float(), f_cs)
-        return fit + self.config.fedrir.idm_weight * bound
+        bound = weight * club_bound(mu.float(), logvar.float(), f_cs)
+        return fit + bound, bound
 
     def _train_classifier(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         """Stage 2: CE + λ·IDM with the CSFE frozen; updates GFE, IDM and head."""
         opts, m = self.config.fedrir, self.modules
         dev = self.runtime.device
-        ce_sum, idm_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        ce_sum, idm_sum, fit_sum = (torch.zeros((), device=dev) for _ in range(3))
         correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = steps = 0
         for idx in self._batches(data, rng):
@@ -243,12 +248,11 @@ class FedRIR(Algorithm):
                 f_g = m[SHARED](x)
                 logits = self._logits(f_g, f_cs).float()
                 ce = F.cross_entropy(logits, y)
-                idm = (
-                    self._idm_loss(f_g.float(), f_cs)
-                    if opts.idm != "none" and f_cs is not None
-                    else torch.zeros((), device=dev)
-                )
-            loss = ce + idm
+                loss, idm = ce, torch.zeros((), device=dev)
+                if opts.idm != "none" and f_cs is not None:
+                    total, idm = self._idm_loss(f_g.float(), f_cs)
+                    loss = ce + total
+                    fit_sum += (total - idm).detach()
             self.opt_cls.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_cls.step()
@@ -257,30 +261,25 @@ class FedRIR(Algorithm):
             correct += (logits.argmax(dim=1) == y).sum()
             seen += len(y)
             steps += 1
-        return {
+        metrics = {
             "train_loss": ce_sum.item() / steps,
             "idm_loss": idm_sum.item() / steps,
             "train_accuracy": correct.item() / seen,
         }
+        if opts.idm == "club":
+            metrics["idm_fit"] = fit_sum.item() / steps  # q's NLL, which only the IDM minimises
+        return metrics
 
     def evaluate(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
     ) -> Evaluation:
         self._load(payload, state)
         self.modules.eval()
-        dev = self.runtime.device
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        loss_sum = torch.zeros((), device=dev)
-        with torch.no_grad(), self.runtime.autocast():
-            for start in range(0, data.num_test, EVAL_BATCH):
-                x = self.runtime.input(data.test_x[start : start + EVAL_BATCH])
-                y = data.test_y[start : start + EVAL_BATCH]
-                f_cs = (
-                    self.modules["csfe"](x)[:, : self.dim].float()
-                    if self.config.fedrir.mcsl
-                    else None
-                )
-                logits = self._logits(self.modules[SHARED](x).float(), f_cs).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(dim=1) == y).sum()
-        return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
+        mcsl = self.config.fedrir.mcsl
+        return test_accuracy(
+            self.runtime,
+            data,
+            lambda x: self._logits(
+                self.modules[SHARED](x).float(), self._features(x) if mcsl else None
+            ),
+        )

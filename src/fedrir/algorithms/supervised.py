@@ -38,13 +38,12 @@ from fedrir.algorithms.base import (
     make_optimizer,
     optimizer_state,
     seeded_init,
+    test_accuracy,
     weighted_mean,
 )
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.models.cnn import Encoder, InputShape
-
-EVAL_BATCH = 1000
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """One optimisation step on a batch ``(x, y)``; returns the (detached) loss and logits."""
@@ -186,17 +185,7 @@ class Supervised(Algorithm):
             self.modules.train()
             self._fit(data, rng, epochs, self._step(self.opt_ft, self.modules))
         self.modules.eval()
-        dev = self.runtime.device
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        loss_sum = torch.zeros((), device=dev)
-        with torch.no_grad(), self.runtime.autocast():
-            for start in range(0, data.num_test, EVAL_BATCH):
-                x = self.runtime.input(data.test_x[start : start + EVAL_BATCH])
-                y = data.test_y[start : start + EVAL_BATCH]
-                logits = self._predict(x).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(dim=1) == y).sum()
-        return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
+        return test_accuracy(self.runtime, data, self._predict)
 
     # --- training loops -----------------------------------------------------------------------
 

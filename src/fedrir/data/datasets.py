@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 U8 = npt.NDArray[np.uint8]
 Array = npt.NDArray[Any]
 
-DEFAULT_ROOT = Path("~/.cache/fedrir/data")
+CACHE_ROOT = Path("~/.cache/fedrir")
+DEFAULT_ROOT = CACHE_ROOT / "data"
 
 
 def data_root(cfg: DataConfig) -> Path:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 import torch
 
 from fedrir.config import DataConfig
+from fedrir.data.datasets import CACHE_ROOT, load_dataset
 from fedrir.data.partition import IntArray, make_partitioner
 from fedrir.data.types import ClientData, Dataset, FederatedData
 from fedrir.errors import DataError
@@ -152,7 +153,7 @@ def cache_key(cfg: DataConfig, dataset: Dataset, seed: int, batch_size: int) -> 
 
 
 def cache_path(cfg: DataConfig, key: str) -> Path:
-    root = Path(cfg.cache_dir or "~/.cache/fedrir").expanduser()
+    root = (Path(cfg.cache_dir) if cfg.cache_dir else CACHE_ROOT).expanduser()
     return root / "partitions" / f"{cfg.dataset}-{cfg.partition}-{cfg.clients}-{key[:24]}.npz"
 
 
@@ -257,7 +258,5 @@ def federate(dataset: Dataset, partition: Partition) -> FederatedData:
 
 def build_federated(cfg: DataConfig, seed: int, batch_size: int = 100) -> FederatedData:
     """Load the pooled dataset, partition it (or read the cached partition), build the clients."""
-    from fedrir.data.datasets import load_dataset
-
     dataset = load_dataset(cfg, seed)
     return federate(dataset, make_partition(cfg, dataset, seed, batch_size))

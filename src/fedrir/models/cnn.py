@@ -51,38 +51,42 @@ class Encoder(nn.Module):
 
 
 class Generator(nn.Module):
-    """VAE decoder: Linear → reshape to 64×(H/4)×(W/4) → two stride-2 transposed convs → image.
+    """VAE decoder, as the reference: Linear → reshape to 64×b×b → ConvTranspose(64, 32, 5,
+    stride 2) → ReLU → ConvTranspose(32, C, 5, stride 2), both with output padding 1; no
+    normalisation and no output squashing (the MSE target is the normalised image).
 
-    Outputs are squashed by tanh, matching inputs normalised to [-1, 1].
+    Each transposed conv maps s to 2s + 4, so b = (H − 12) / 4 gives the image size exactly (4 for
+    28×28, 5 for 32×32, 13 for 64×64); other sizes are resized bilinearly at the end.
     """
 
     def __init__(self, input_shape: InputShape, latent_dim: int) -> None:
         super().__init__()
         channels, height, width = input_shape
         self.image_size = (height, width)
-        self.base = (max(1, height // 4), max(1, width // 4))
+        self.base = (max(1, -(-(height - 12) // 4)), max(1, -(-(width - 12) // 4)))
         self.fc = nn.Linear(latent_dim, 64 * self.base[0] * self.base[1])
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, kernel_size=4, stride=2, padding=1),
-            nn.BatchNorm2d(32),
+            nn.ConvTranspose2d(64, 32, kernel_size=5, stride=2, output_padding=1),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(32, channels, kernel_size=4, stride=2, padding=1),
+            nn.ConvTranspose2d(32, channels, kernel_size=5, stride=2, output_padding=1),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.fc(z)).reshape(len(z), 64, *self.base)
-        out = self.deconv(h)
-        if out.shape[-2:] != self.image_size:  # sizes not divisible by 4
+        out = self.deconv(self.fc(z).reshape(len(z), 64, *self.base))
+        if out.shape[-2:] != self.image_size:
             out = F.interpolate(out, size=self.image_size, mode="bilinear", align_corners=False)
-        return torch.tanh(out)
+        return out
 
 
 class GaussianMLP(nn.Module):
-    """q(y | x) = N(mu(x), exp(logvar(x))) with two 2-layer MLPs; logvar squashed by tanh (CLUB)."""
+    """q(y | x) = N(mu(x), exp(logvar(x))) with two 2-layer MLPs; logvar squashed by tanh (CLUB).
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    ``dim // 4`` hidden units: 128 for d = 512, as the reference's CLUB(d, d, 256).
+    """
+
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        hidden = hidden or max(1, dim // 2)
+        hidden = max(1, dim // 4)
         self.mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.logvar = nn.Sequential(
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh()
