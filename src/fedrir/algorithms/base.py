@@ -95,7 +95,7 @@ class Evaluation:
         return self.correct / self.total if self.total else 0.0
 
 
-def test_accuracy(
+def evaluate_predictions(
     runtime: Runtime, data: ClientData, predict: Callable[[torch.Tensor], torch.Tensor]
 ) -> Evaluation:
     """Correct predictions and summed cross-entropy of ``predict`` (images → logits) on the

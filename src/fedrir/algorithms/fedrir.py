@@ -36,13 +36,13 @@ from fedrir.algorithms.base import (
     Task,
     Update,
     batches,
+    evaluate_predictions,
     load_module_state,
     load_optimizer_state,
     make_optimizer,
     module_state,
     optimizer_state,
     seeded_init,
-    test_accuracy,
 )
 from fedrir.config import Config
 from fedrir.data.types import ClientData
@@ -276,7 +276,7 @@ class FedRIR(Algorithm):
         self._load(payload, state)
         self.modules.eval()
         mcsl = self.config.fedrir.mcsl
-        return test_accuracy(
+        return evaluate_predictions(
             self.runtime,
             data,
             lambda x: self._logits(

@@ -33,12 +33,12 @@ from fedrir.algorithms.base import (
     Task,
     Update,
     batches,
+    evaluate_predictions,
     load_module_state,
     load_optimizer_state,
     make_optimizer,
     optimizer_state,
     seeded_init,
-    test_accuracy,
     weighted_mean,
 )
 from fedrir.config import Config
@@ -185,7 +185,7 @@ class Supervised(Algorithm):
             self.modules.train()
             self._fit(data, rng, epochs, self._step(self.opt_ft, self.modules))
         self.modules.eval()
-        return test_accuracy(self.runtime, data, self._predict)
+        return evaluate_predictions(self.runtime, data, self._predict)
 
     # --- training loops -----------------------------------------------------------------------
 
