@@ -73,7 +73,7 @@ def main() -> None:
     )
     print("| variant | final (mean ± std) | best (mean ± std) |\n|---|---|---|")
     for name, finals, bests in rows:
-        sd = statistics.pstdev
+        sd = statistics.stdev  # sample std over seeds, as fedrir compare reports
         print(
             f"| {name} | {statistics.mean(finals):.2f} ± {sd(finals):.2f} "
             f"| {statistics.mean(bests):.2f} ± {sd(bests):.2f} |"

@@ -4,7 +4,9 @@ clients, Dirichlet α = 0.1 and ``pat`` (2 classes per client), several seeds.
 Each setting is one ``fedrir compare`` grid under ``--out``; grids continue where they stopped, and
 seeds are added one at a time across all four settings, so an interrupted benchmark always leaves a
 complete table for the seeds it finished. ``RESULTS.md`` is rewritten after every seed with what has
-been measured so far, as measured.
+been measured so far, as measured. The records of finished runs under ``benchmarks/compare/`` are
+committed (checkpoints are not, nor runs without ``summary.json``), so the grid continues on
+another machine from where the last commit left it.
 
     python benchmarks/compare_grid.py                     # the committed table
     python benchmarks/compare_grid.py --seeds 0 --rounds 3 --fraction 0.02 \\
@@ -37,7 +39,7 @@ def main() -> None:
         help="smallest client for dir (PFLlib's rule, half the average, is rarely met at α = 0.1)",
     )
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/runs/compare"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/compare"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args()
     seeds, algorithms = parse_seeds(args.seeds), args.algorithms.split(",")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,20 @@ def test_resume_can_extend_a_finished_run_but_not_shorten_it(tmp_path: Path) -> 
     assert [r.round for r in longer.history] == [1, 2, 3]
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_to_the_same_summary(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    reference = fedrir.run(small(tmp_path, rounds=2, checkpoint_every=5), out=out).summary
+    # as if killed after round 2's metrics line, before the (final) checkpoint was written
+    shutil.rmtree(out / "checkpoint")
+    (out / "summary.json").unlink()
+    resumed = fedrir.resume(out).summary
+    for key in ("final_accuracy", "client_accuracy_std", "bytes_uploaded", "rounds"):
+        assert resumed[key] == reference[key], key
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_resume_without_a_checkpoint_keeps_the_results(tmp_path: Path) -> None:
     out = tmp_path / "run"
     fedrir.run(small(tmp_path, rounds=1, checkpoint_every=0), out=out)
@@ -179,8 +194,8 @@ def test_resume_without_a_checkpoint_keeps_the_results(tmp_path: Path) -> None:
         (["run", "--device", "cuda:abc"], "invalid value for 'device'"),
         (["run", "--lr", "inf"], "invalid value for 'lr'"),
         (["run", "--idm-weight", "nan"], "invalid value for 'idm_weight'"),
-        (["run", "--out", "/etc/hostname"], "is a file, not a folder"),
-        (["compare", "--algorithms", "fedavg", "--out", "/etc/hostname"], "not a folder"),
+        (["run", "--out", __file__], "is a file, not a folder"),
+        (["compare", "--algorithms", "fedavg", "--out", __file__], "not a folder"),
         (["run", "--resume", "/nonexistent-run", "--out", "x"], "only --rounds may be changed"),
     ],
 )

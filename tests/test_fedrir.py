@@ -145,8 +145,8 @@ def test_idm_gradients_reach_the_right_modules(client: ClientData, idm: str) -> 
     f_cs = algo._features(x)
     gfe, q = algo.modules["gfe"], algo.modules["idm"]
     algo.modules.zero_grad()
-    total, reported = algo._idm_loss(gfe(x), f_cs)
-    total.backward()
+    fit, term = algo._idm_loss(gfe(x), f_cs)
+    (fit + term).backward()
     got_gfe, got_idm = _grads(algo, "gfe"), _grads(algo, "idm")
 
     algo.modules.zero_grad()  # what the IDM should get
@@ -159,13 +159,13 @@ def test_idm_gradients_reach_the_right_modules(client: ClientData, idm: str) -> 
 
     algo.modules.zero_grad()  # what the GFE should get
     mu, logvar = q(gfe(x))
-    term = weight * (gaussian_nll if idm == "nll" else club_bound)(mu, logvar, f_cs)
-    term.backward()
+    want_term = weight * (gaussian_nll if idm == "nll" else club_bound)(mu, logvar, f_cs)
+    want_term.backward()
     want_gfe = _grads(algo, "gfe")
     assert any(g.abs().sum() > 0 for g in want_gfe)
     for got, want in zip(got_gfe, want_gfe, strict=True):
         assert torch.allclose(got, want, atol=1e-6)
-    assert torch.allclose(reported, term.detach())
+    assert torch.allclose(term, want_term.detach())
 
 
 def test_optimizer_state_persists_across_rounds(client: ClientData) -> None:

@@ -151,7 +151,8 @@ def test_dir_is_skewed_and_meets_min_size() -> None:
     assert top_share(IidPartitioner(10, seed=0)(labels)) < 0.25  # ≈ the largest class's share
     # 20 clients and α = 0.1 rarely give the smallest client half the average (PFLlib's rule);
     # an explicit, smaller minimum is met exactly as asked
-    with pytest.raises(DataError, match=r"never gave every client 150 .* smaller min_samples"):
+    hint = r"never gave every client 150 .* --min-samples below 150 \(or a smaller batch_size"
+    with pytest.raises(DataError, match=hint):
         DirichletPartitioner(20, K, alpha=0.1, seed=0, max_retries=20)(labels)
     loose = DirichletPartitioner(20, K, alpha=0.1, seed=0, max_retries=20, min_samples=40)
     assert loose.min_size(6000) == 40

@@ -123,7 +123,7 @@ def _execute(
         make_out_dir(out)
         if resuming:
             snapshot = load_snapshot(out / CHECKPOINT, data.num_clients)
-            _check_resumable(out, snapshot, config.rounds)
+            _check_resumable(out, snapshot, config)
         atomic_write(out / CONFIG, config_to_toml(config))
         if config.checkpoint_every:
             checkpointer = Checkpointer(out / CHECKPOINT)
@@ -152,15 +152,20 @@ def _execute(
     return finish_run(algorithm, state.history, out, wall, {"engine": "sim"})
 
 
-def _check_resumable(out: Path, snapshot: Snapshot | None, rounds: int) -> None:
-    """Refuse a resume that would throw away rounds already run."""
+def _check_resumable(out: Path, snapshot: Snapshot | None, config: Config) -> None:
+    """Refuse a resume that would throw away rounds already run. A run killed before its first
+    checkpoint restarts from round 0 (deterministic: it rewrites the same rounds)."""
     if snapshot is None:
-        if (out / METRICS).exists() and (out / METRICS).stat().st_size > 0:
+        if (
+            config.checkpoint_every == 0
+            and (out / METRICS).exists()
+            and (out / METRICS).stat().st_size > 0
+        ):
             raise FedrirError(
-                f"{out} has evaluated rounds but no checkpoint (checkpoint_every = 0?), so it "
-                "cannot be resumed; rerun it into another --out"
+                f"{out} was run with checkpoint_every = 0 and has no checkpoint to resume from; "
+                "rerun it into another --out"
             )
-    elif snapshot.round > rounds:
+    elif snapshot.round > config.rounds:
         raise FedrirError(
             f"{out} has already run {snapshot.round} rounds; resume with --rounds of at least that"
         )

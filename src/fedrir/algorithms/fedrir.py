@@ -217,7 +217,8 @@ class FedRIR(Algorithm):
         return {"recon_loss": recon_sum.item() / steps, "kl": kl_sum.item() / steps}
 
     def _idm_loss(self, f_g: torch.Tensor, f_cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to back-propagate, IDM term of the GFE's objective, as reported).
+        """(fit, term): q's own fitting loss (IDM only; zero for ``nll``) and the IDM term of the
+        GFE's objective (reported as ``idm_loss``); stage 2 back-propagates CE + fit + term.
 
         ``nll``: λ·NLL of q(f_cs | f_g) into IDM and GFE alike. ``club``: the NLL fits q on detached
         features (IDM only) and the GFE gets λ·CLUB bound through a frozen copy of q.
@@ -225,14 +226,15 @@ class FedRIR(Algorithm):
         idm, weight = self.modules["idm"], self.config.fedrir.idm_weight
         if self.config.fedrir.idm == "nll":
             mu, logvar = idm(f_g)
-            nll = weight * gaussian_nll(mu.float(), logvar.float(), f_cs)
-            return nll, nll
+            return torch.zeros((), device=f_cs.device), weight * gaussian_nll(
+                mu.float(), logvar.float(), f_cs
+            )
         mu, logvar = idm(f_g.detach())
         fit = gaussian_nll(mu.float(), logvar.float(), f_cs)
         frozen = {k: v.detach() for k, v in idm.named_parameters()}
         mu, logvar = functional_call(idm, frozen, (f_g,))
         bound = weight * club_bound(mu.float(), logvar.float(), f_cs)
-        return fit + bound, bound
+        return fit, bound
 
     def _train_classifier(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         """Stage 2: CE + λ·IDM with the CSFE frozen; updates GFE, IDM and head."""
@@ -250,9 +252,9 @@ class FedRIR(Algorithm):
                 ce = F.cross_entropy(logits, y)
                 loss, idm = ce, torch.zeros((), device=dev)
                 if opts.idm != "none" and f_cs is not None:
-                    total, idm = self._idm_loss(f_g.float(), f_cs)
-                    loss = ce + total
-                    fit_sum += (total - idm).detach()
+                    fit, idm = self._idm_loss(f_g.float(), f_cs)
+                    loss = ce + fit + idm
+                    fit_sum += fit.detach()
             self.opt_cls.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_cls.step()

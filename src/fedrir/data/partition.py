@@ -298,8 +298,9 @@ class DirichletPartitioner(_ClassPartitioner):
         raise DataError(
             f"dir partition: {self.max_retries} draws with alpha={self.alpha} over "
             f"{self.num_clients} clients never gave every client {need} of the {n} samples "
-            f"(at best the smallest had {best}); use fewer clients, a larger alpha, a larger "
-            "fraction or a smaller min_samples"
+            f"(at best the smallest had {best}); use fewer clients, a larger alpha, more data, "
+            f"or set --min-samples below {need}"
+            + ("" if self.min_samples else " (or a smaller batch_size, which sets PFLlib's rule)")
         )
 
 

@@ -51,6 +51,7 @@ from fedrir.results import (
     RoundRecord,
     append_metrics,
     atomic_write,
+    make_out_dir,
     write_metrics,
 )
 
@@ -243,7 +244,7 @@ def serve(
     nodes, task = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out)
         atomic_write(out / CONFIG, config_to_toml(config))
         write_metrics(out / METRICS, [])
         log(INFO, "fedrir: writing results to %s", out)
