@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,9 +303,7 @@ def test_build_federated_loads_partitions_and_normalises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds = make_dataset()
-    fake = types.ModuleType("fedrir.data.datasets")
-    fake.load_dataset = lambda cfg, seed: ds  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fedrir.data.datasets", fake)
+    monkeypatch.setattr(federated, "load_dataset", lambda cfg, seed: ds)
     data = build_federated(cfg(tmp_path, partition="pat", clients=10), seed=0, batch_size=10)
     assert sum(c.num_train + c.num_test for c in data.clients) == len(ds.labels)
     assert all(len(torch.cat([c.train_y, c.test_y]).unique()) == 2 for c in data.clients)
