@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args()
     seeds, algorithms = parse_seeds(args.seeds), args.algorithms.split(",")
-    command = "python benchmarks/compare_grid.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/compare_grid.py", *sys.argv[1:]])
     base = with_overrides(
         Config(),
         {
