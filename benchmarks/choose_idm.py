@@ -1,8 +1,9 @@
 """Choose FedRIR's default IDM loss (and see what the ablations cost) on a *validation* split.
 
 Each client's training data is split 80/20 (``val_ratio = 0.2``) and every variant is evaluated
-on the held-out 20 %; the clients' test sets are never touched. Finished runs are kept under
-``--out`` and not redone, so an interrupted grid continues where it stopped.
+on the held-out 20 %; the clients' test sets are never touched. Each variant is one
+``fedrir compare`` grid under ``--out``: finished runs are not redone, an interrupted grid
+continues where it stopped, and a folder that holds a grid with other settings is refused.
 
     python benchmarks/choose_idm.py --fraction 0.25 --rounds 10 --seeds 0,1,2
 """
@@ -10,12 +11,12 @@ on the held-out 20 %; the clients' test sets are never touched. Finished runs ar
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
 from pathlib import Path
 
-import fedrir
+from fedrir.compare import compare, format_mean_std, parse_seeds
 from fedrir.config import Config, with_overrides
+from fedrir.errors import FedrirError
 
 VARIANTS: dict[str, dict[str, object]] = {
     "idm=nll (reference code)": {"idm": "nll"},
@@ -50,35 +51,28 @@ def main() -> None:
             "val_ratio": 0.2,
         },
     )
+    seeds = parse_seeds(args.seeds)
     rows = []
     for name, overrides in VARIANTS.items():
-        finals, bests = [], []
-        for seed in (int(s) for s in args.seeds.split(",")):
-            cfg: Config = with_overrides(base, {**overrides, "seed": seed})
-            tag = name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "-")
-            out = args.out / f"{tag}-seed{seed}"
-            if (out / "summary.json").exists():
-                summary = json.loads((out / "summary.json").read_text())
-            elif (out / "config.toml").exists():
-                summary = fedrir.resume(out, progress=True).summary
-            else:
-                summary = fedrir.run(cfg, out=out, progress=True).summary
-            finals.append(100 * summary["final_accuracy"])
-            bests.append(100 * summary["best_accuracy"])
-        rows.append((name, finals, bests))
+        tag = name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "-")
+        cfg: Config = with_overrides(base, overrides)
+        (row,) = compare(cfg, ["fedrir"], seeds, args.out / tag, progress=True)
+        rows.append((name, row))
     print(
         f"\nvalidation accuracy (%), {args.dataset} fraction {args.fraction}, {args.clients} "
         f"clients (≥ {args.min_samples} samples), dir α={args.alpha}, {args.rounds} rounds, "
-        f"seeds {args.seeds}"
+        f"seeds {args.seeds}; mean ± sample std over seeds"
     )
-    print("| variant | final (mean ± std) | best (mean ± std) |\n|---|---|---|")
-    for name, finals, bests in rows:
-        sd = statistics.stdev  # sample std over seeds, as fedrir compare reports
+    print("| variant | final | best |\n|---|---|---|")
+    for name, r in rows:
         print(
-            f"| {name} | {statistics.mean(finals):.2f} ± {sd(finals):.2f} "
-            f"| {statistics.mean(bests):.2f} ± {sd(bests):.2f} |"
+            f"| {name} | {format_mean_std(r, 'final_accuracy')} "
+            f"| {format_mean_std(r, 'best_accuracy')} |"
         )
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedrirError as e:  # bad settings or a damaged grid: one line, as fedrir says it
+        sys.exit(f"{Path(__file__).name}: error: {e}")

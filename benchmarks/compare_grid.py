@@ -24,6 +24,7 @@ from pathlib import Path
 from fedrir.algorithms import ALGORITHMS
 from fedrir.compare import RESULTS_MD, compare, parse_seeds
 from fedrir.config import Config, with_overrides
+from fedrir.errors import FedrirError
 
 SETTINGS = [(dataset, partition) for dataset in ("mnist", "fmnist") for partition in ("dir", "pat")]
 
@@ -98,4 +99,7 @@ def write_results(
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FedrirError as e:  # bad settings or a damaged grid: one line, as fedrir says it
+        sys.exit(f"{Path(__file__).name}: error: {e}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import statistics
 from collections.abc import Callable
@@ -181,6 +182,19 @@ def test_other_settings_in_the_same_folder_are_refused(
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FedrirError, match="not empty and holds no compare"):
         compare(config, ALGORITHMS, SEEDS, tmp_path / "busy")
+
+
+def test_a_damaged_finished_run_is_named_with_the_fix(
+    grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = copy_of(grid, tmp_path)
+    forbid(monkeypatch, "run", "resume")
+    cell = run_dir(out, "fedavg", 1)
+    (cell / "metrics.jsonl").write_text('{"round": 1, "accur')
+    with pytest.raises(
+        FedrirError, match=rf"finished run in {re.escape(str(cell))} is damaged .* delete that"
+    ):
+        compare(settings(grid[0].parent / "cache"), ALGORITHMS, SEEDS, out)
 
 
 def test_unknown_algorithm_or_bad_seeds_fail_before_anything_runs(

@@ -21,10 +21,16 @@ from fedrir.config import (
 def test_toml_round_trip(tmp_path: Path) -> None:
     config = with_overrides(
         Config(),
-        {"rounds": 7, "alpha": 0.5, "idm": "club", "common_init": False, "data_dir": 'a"b'},
+        {
+            "rounds": 7,
+            "alpha": 0.5,
+            "idm": "club",
+            "common_init": False,
+            "data_dir": 'a"b\\c\nd\té\x7f',
+        },
     )
     path = tmp_path / "c.toml"
-    path.write_text(config_to_toml(config))
+    path.write_text(config_to_toml(config), encoding="utf-8")
     assert load_config(path) == config
 
 
@@ -53,6 +59,9 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("rounds = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    bad.write_bytes(b"\xff\xfe rounds = 3")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(bad)
 
 

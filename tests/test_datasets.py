@@ -24,7 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fedrir.config import DataConfig
+from fedrir.api import prepare
+from fedrir.config import Config, DataConfig, with_overrides
 from fedrir.data import datasets
 from fedrir.data.datasets import (
     DATASETS,
@@ -524,6 +525,31 @@ def test_pfllib_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset(cfg("pfllib", tmp_path, allow_pickle=True), 0)
     one_line_error(e, "1.npz as a PFLlib client file")
+
+
+def test_images_too_small_for_the_cnn_are_refused_before_any_model_is_built(tmp_path: Path) -> None:
+    write_pfllib(tmp_path / "pf", [(20, 10), (20, 10)])  # 8×8 images
+    config = with_overrides(
+        Config(),
+        {
+            "dataset": "pfllib",
+            "data_dir": str(tmp_path / "pf"),
+            "allow_pickle": True,
+            "partition": "natural",
+            "clients": 2,
+            "cache_dir": str(tmp_path),
+        },
+    )
+    with pytest.raises(DataError) as e:
+        prepare(config)
+    one_line_error(e, "8×8 are too small for the CNN", "16×16")
+
+
+def test_a_data_dir_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
+    # not a silent fall-back to the bundled MNIST: the user meant their own copy
+    with pytest.raises(DataError) as e:
+        load_dataset(cfg("mnist", tmp_path / "typo"), 0)
+    one_line_error(e, "typo is not a folder")
 
 
 # --- digits, synthetic ----------------------------------------------------------------------------

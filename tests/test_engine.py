@@ -197,6 +197,9 @@ def test_resume_without_a_checkpoint_keeps_the_results(tmp_path: Path) -> None:
         (["run", "--out", __file__], "is a file, not a folder"),
         (["compare", "--algorithms", "fedavg", "--out", __file__], "not a folder"),
         (["run", "--resume", "/nonexistent-run", "--out", "x"], "only --rounds may be changed"),
+        (["run", "--resume", ""], "holds no run to resume"),
+        (["run", "--data-dir", "/nonexistent-data"], "/nonexistent-data is not a folder"),
+        (["partition", "--heatmap", "labels.svg"], "not a .png path"),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -217,3 +220,58 @@ def test_an_existing_run_is_never_overwritten(
     assert main(["run", "--out", str(out), "--rounds", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "summary.json").read_text() == before
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my own notes")
+    assert main(["run", "--out", str(mine), "--rounds", "1"]) == 2
+    assert "not empty and holds no run" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["summary.json"]
+    assert (mine / "summary.json").read_text() == "my own notes"
+
+
+def test_an_existing_flower_run_is_refused_before_flower_starts(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fedrir.run(small(tmp_path, rounds=1), out=out)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(FedrirError, match="already holds a run; delete it, or pick another"):
+        fedrir.run(small(tmp_path, rounds=1, engine="flower"), out=out)
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_is_resumed_only_under_its_own_settings(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fedrir.run(small(tmp_path, rounds=1), out=out)
+    before = (out / "metrics.jsonl").read_text()
+    config_toml = out / "config.toml"
+    original = config_toml.read_text()
+    config_toml.write_text(original.replace("lr = 0.0005", "lr = 0.001"))
+    with pytest.raises(FedrirError, match=r"written under other settings .* edited"):
+        fedrir.resume(out, rounds=2)
+    assert (out / "metrics.jsonl").read_text() == before
+    config_toml.write_text(original)
+    manifest = out / "checkpoint" / "manifest.json"
+    intact = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in intact.items() if k != "history"}))
+    with pytest.raises(FedrirError, match="not a fedrir checkpoint manifest"):
+        fedrir.resume(out, rounds=2)
+    manifest.write_text(json.dumps(intact))
+    assert [r.round for r in fedrir.resume(out, rounds=2).history] == [1, 2]
+
+
+def test_ctrl_c_names_the_folder_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedrir.api, "run", interrupted)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"fedrir: interrupted; continue with: fedrir run --resume {out}"
+    )

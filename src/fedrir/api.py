@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, Task
-from fedrir.config import Config, config_to_toml, load_config
+from fedrir.config import Config, config_to_toml, load_config, run_identity
 from fedrir.data.types import FederatedData
 from fedrir.engine.runtime import resolve_runtime
-from fedrir.errors import FedrirError
+from fedrir.errors import DataError, FedrirError
+from fedrir.models.cnn import MIN_SIDE
 from fedrir.results import (
     RoundRecord,
     append_metrics,
@@ -73,13 +74,19 @@ def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
     data = build_federated(config.data, config.seed, batch_size=config.train.batch_size)
     data = dataclasses.replace(data, clients=tuple(c.to(runtime.device) for c in data.clients))
     task = Task(input_shape=data.input_shape, num_classes=data.num_classes)
+    _, height, width = task.input_shape
+    if min(height, width) < MIN_SIDE:
+        raise DataError(
+            f"{config.data.dataset}: images of {height}×{width} are too small for the CNN, which "
+            f"takes at least {MIN_SIDE}×{MIN_SIDE}; upsample them first"
+        )
     return algorithm_cls(config, task, runtime), data
 
 
 class Progress:
     """A progress bar over rounds showing the latest accuracy and the time per round."""
 
-    def __init__(self, config: Config, start: int, enabled: bool) -> None:
+    def __init__(self, config: Config, start: int, enabled: bool, out: Path | None) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -92,6 +99,8 @@ class Progress:
             dynamic_ncols=True,
         )
         self.accuracy: float | None = None
+        if enabled and out is not None:
+            self.bar.write(f"fedrir: writing to {out}/", file=sys.stderr)
 
     def __call__(self, record: RoundRecord | None, round_: int) -> None:
         if record is not None:
@@ -122,11 +131,11 @@ def _execute(
     if out is not None:
         make_out_dir(out)
         if resuming:
-            snapshot = load_snapshot(out / CHECKPOINT, data.num_clients)
+            snapshot = load_snapshot(out / CHECKPOINT, data.num_clients, run_identity(config))
             _check_resumable(out, snapshot, config)
         atomic_write(out / CONFIG, config_to_toml(config))
         if config.checkpoint_every:
-            checkpointer = Checkpointer(out / CHECKPOINT)
+            checkpointer = Checkpointer(out / CHECKPOINT, run_identity(config))
     state = (
         SimState.from_snapshot(snapshot)
         if snapshot is not None
@@ -134,7 +143,7 @@ def _execute(
     )
     if out is not None:  # metrics.jsonl holds exactly the rounds the state has seen
         write_metrics(out / METRICS, state.history)
-    bar = Progress(config, state.round, progress)
+    bar = Progress(config, state.round, progress, out)
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
         if record is not None and out is not None:
@@ -219,22 +228,29 @@ def run(
 
         return run_flower(
             config,
-            None if out is None else _new_out(config, out),
+            None if out is None else new_out_dir(config, out),
             progress=progress,
             on_round=on_round,
         )
     return _execute(
-        config, None if out is None else _new_out(config, out), progress, False, on_round
+        config, None if out is None else new_out_dir(config, out), progress, False, on_round
     )
 
 
-def _new_out(config: Config, out: str | Path) -> Path:
+def new_out_dir(config: Config, out: str | Path) -> Path:
+    """The folder a new run writes to (``"auto"``: a new one under ``runs/``), refused when it
+    is a file, already holds a run or holds anything else: a new run never overwrites files."""
     path = default_out_dir(config) if out == "auto" else Path(out)
     check_out_dir(path)  # fail before loading data, not after
     if (path / CONFIG).exists():
-        raise FedrirError(
-            f"{path} already holds a run; continue it with --resume {path}, or pick another --out"
+        fix = (
+            "delete it"
+            if config.engine == "flower"  # Flower runs cannot be resumed
+            else f"continue it with --resume {path}"
         )
+        raise FedrirError(f"{path} already holds a run; {fix}, or pick another --out")
+    if path.is_dir() and any(path.iterdir()):
+        raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
     return path
 
 

@@ -52,10 +52,10 @@ def _data_keys() -> list[Key]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedrir.api import resume, run
+    from fedrir.api import new_out_dir, resume, run
     from fedrir.results import format_summary
 
-    if args.resume:
+    if args.resume is not None:
         given = [_flag(n) for n in KEYS if hasattr(args, n) and n != "rounds"]
         given += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
         if given:
@@ -63,10 +63,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--resume continues a run with its saved config.toml; only --rounds may be "
                 f"changed (got: {', '.join(given)})"
             )
-        result = resume(args.resume, getattr(args, "rounds", None), progress=not args.quiet)
+        out, resumable = Path(args.resume), True
     else:
         config = build_config(args)
-        result = run(config, args.out or "auto", progress=not args.quiet)
+        out, resumable = new_out_dir(config, args.out or "auto"), config.engine != "flower"
+    try:
+        if args.resume is not None:
+            result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)
+        else:
+            result = run(config, out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        fix = f"continue with: fedrir run --resume {out}" if resumable else f"delete {out}"
+        print(f"fedrir: interrupted; {fix}", file=sys.stderr)
+        return 130
     print(format_summary(result.summary))
     if result.out_dir is not None:
         print(
@@ -97,16 +106,22 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
 
     config = build_config(args)
+    heatmap = Path(args.heatmap) if args.heatmap is not None else None
+    if heatmap is not None and heatmap.suffix.lower() != ".png":
+        raise FedrirError(f"--heatmap {heatmap} is not a .png path; name a .png file")
     dataset = load_dataset(config.data, config.seed)
     partition = make_partition(config.data, dataset, config.seed, config.train.batch_size)
     summary = partition_summary(dataset, partition)
-    heatmap = Path(args.heatmap or f"partition-{config.data.dataset}-{config.data.partition}.png")
-    plot_partition_heatmap(summary, heatmap)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(format_partition_table(summary))
-        print(f"heatmap written to {heatmap}")
+    print(json.dumps(summary) if args.json else format_partition_table(summary))
+    if heatmap is not None:
+        try:
+            plot_partition_heatmap(summary, heatmap)
+        except OSError as e:
+            raise FedrirError(
+                f"cannot write {heatmap} ({e.strerror}); pick another --heatmap"
+            ) from None
+        if not args.json:
+            print(f"heatmap written to {heatmap}")
     return 0
 
 
@@ -134,7 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("partition", help="show how a dataset is split across clients")
     _add_config_flags(p, _data_keys())
     p.add_argument("--json", action="store_true", help="print the per-client numbers as JSON")
-    p.add_argument("--heatmap", metavar="PNG", help="where to write the labels × clients heatmap")
+    p.add_argument("--heatmap", metavar="PNG", help="also draw the labels × clients heatmap there")
     p.set_defaults(handler=cmd_partition)
 
     from fedrir.compare import add_compare_command
@@ -147,8 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     args = parser.parse_args(argv or ["run"])
-    if args.command is None:  # only global options given
-        args = parser.parse_args(["run", *argv])
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -156,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedrir: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedrir: interrupted; continue with: fedrir run --resume DIR", file=sys.stderr)
+        print("fedrir: interrupted", file=sys.stderr)
         return 130
 
 

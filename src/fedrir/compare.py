@@ -22,7 +22,14 @@ from typing import Any
 
 from fedrir import api
 from fedrir.algorithms import get_algorithm
-from fedrir.config import KEYS, Config, config_to_toml, load_config, with_overrides
+from fedrir.config import (
+    KEYS,
+    Config,
+    config_to_toml,
+    flat_value,
+    load_config,
+    with_overrides,
+)
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.results import RoundRecord, atomic_write, make_out_dir, plot_curves, read_metrics
 
@@ -90,20 +97,15 @@ def run_dir(out: Path, algorithm: str, seed: int) -> Path:
     return out / RUNS / f"{algorithm}-seed{seed}"
 
 
-def _value(config: Config, name: str) -> Any:
-    key = KEYS[name]
-    return getattr(getattr(config, key.section) if key.section else config, name)
-
-
 def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -> None:
     """Make ``out`` this grid's folder, or check that it already is one with the same settings."""
     grid = out / GRID
     if grid.exists():
         stored = load_config(grid)
         differ = [
-            f"{name}: {_value(stored, name)!r} there, {_value(config, name)!r} here"
+            f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
             for name in KEYS
-            if name not in PER_RUN and _value(stored, name) != _value(config, name)
+            if name not in PER_RUN and flat_value(stored, name) != flat_value(config, name)
         ]
         if differ:
             raise FedrirError(
@@ -172,6 +174,17 @@ def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None
     bar.to(offset + config.rounds)
 
 
+def _finished(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A finished run's summary and per-round metrics, or one line on how to redo it."""
+    try:
+        return json.loads((path / api.SUMMARY).read_text()), read_metrics(path / api.METRICS)
+    except (OSError, ValueError) as e:
+        raise FedrirError(
+            f"the finished run in {path} is damaged ({e}); delete that folder and rerun the "
+            "compare to redo it"
+        ) from None
+
+
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
@@ -204,7 +217,9 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _pm(mean: float, std: float | None) -> str:
+def format_mean_std(row: dict[str, Any], name: str) -> str:
+    """A table row's ``<name>_mean ± <name>_std`` to two decimals (the mean alone for one seed)."""
+    mean, std = row[f"{name}_mean"], row[f"{name}_std"]
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
@@ -234,8 +249,8 @@ def _markdown(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['algorithm']} | {_pm(r['final_accuracy_mean'], r['final_accuracy_std'])} "
-        f"| {_pm(r['best_accuracy_mean'], r['best_accuracy_std'])} "
+        f"| {r['algorithm']} | {format_mean_std(r, 'final_accuracy')} "
+        f"| {format_mean_std(r, 'best_accuracy')} "
         f"| {r['client_accuracy_std']:.2f} | {r['bytes_uploaded_per_round']:,.0f} "
         f"| {r['mb_uploaded_per_round']:.3f} | {r['seconds_per_round']:.2f} "
         f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
@@ -296,9 +311,8 @@ def compare(
     finally:
         bar.close()
 
-    summaries = {
-        (a, s): json.loads((run_dir(path, a, s) / api.SUMMARY).read_text()) for a, s in grid
-    }
+    finished = {(a, s): _finished(run_dir(path, a, s)) for a, s in grid}
+    summaries = {cell: summary for cell, (summary, _) in finished.items()}
     rows = sorted(
         (_row(a, [summaries[a, s] for s in seeds]) for a in algorithms),
         key=lambda r: -r["final_accuracy_mean"],
@@ -307,10 +321,7 @@ def compare(
     command = command or default_command(path, algorithms, seeds)
     atomic_write(path / RESULTS_CSV, _csv(rows))
     atomic_write(path / RESULTS_MD, _markdown(rows, config, seeds, evaluated_on, command))
-    curves = {
-        a: _mean_curve([read_metrics(run_dir(path, a, s) / api.METRICS) for s in seeds])
-        for a in algorithms
-    }
+    curves = {a: _mean_curve([finished[a, s][1] for s in seeds]) for a in algorithms}
     d = config.data
     plot_curves(
         curves,
@@ -326,6 +337,8 @@ def compare(
 
 def _command_line(args: argparse.Namespace) -> str:
     """An invocation equivalent to the one typed, rebuilt from the parsed flags (for the header)."""
+    from fedrir.cli import _flag
+
     parts = ["--algorithms", args.algorithms, "--seeds", args.seeds]
     if args.config:
         parts += ["--config", args.config]
@@ -333,7 +346,7 @@ def _command_line(args: argparse.Namespace) -> str:
         if name in PER_RUN or not hasattr(args, name):
             continue
         value = getattr(args, name)
-        flag = "--" + name.replace("_", "-")
+        flag = _flag(name)
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
         else:

@@ -10,6 +10,8 @@ unique across sections so that a flag names exactly one key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 import tomllib
@@ -101,7 +103,7 @@ IDM_VARIANTS = ("nll", "club", "none")
 
 @dataclass(frozen=True)
 class FedRIRConfig:
-    """FedRIR's own settings (reference values as defaults; see FEDRIR.md)."""
+    """FedRIR's own settings (the authors' reference values as defaults)."""
 
     mask_ratio: float = 0.6
     """Share of patches zeroed in each image for masked client-specific learning."""
@@ -261,6 +263,12 @@ def _coerce(key: Key, value: Any) -> Any:
     return value
 
 
+def flat_value(config: Config, name: str) -> Any:
+    """The value of the key ``name`` (a flat name, as in :data:`KEYS`) in ``config``."""
+    section = KEYS[name].section
+    return getattr(getattr(config, section) if section else config, name)
+
+
 def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
     """Return ``config`` with the given keys (flat names, as in :data:`KEYS`) replaced."""
     run: dict[str, Any] = {}
@@ -305,6 +313,8 @@ def load_config(path: str | Path) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not UTF-8 text; a config file is TOML, see configs/") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -316,8 +326,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # JSON escapes quotes, backslashes and control characters as a TOML basic string does
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)
 
 
@@ -333,3 +343,10 @@ def config_to_toml(config: Config) -> str:
         sub = getattr(config, section)
         lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in fields(sub)]
     return "\n".join(lines) + "\n"
+
+
+def run_identity(config: Config) -> str:
+    """A digest of every setting but ``rounds``: what a resumed run must share with its start."""
+    return hashlib.sha256(
+        config_to_toml(dataclasses.replace(config, rounds=1)).encode()
+    ).hexdigest()

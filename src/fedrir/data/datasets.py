@@ -763,6 +763,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         raise ConfigError(f"unknown dataset '{cfg.dataset}'; known datasets: {', '.join(DATASETS)}")
     if cfg.download and spec.remote is not None:
         _fetch(spec, spec.remote, cfg)
+    elif cfg.data_dir and not data_root(cfg).is_dir():
+        raise DataError(
+            f"data_dir {cfg.data_dir} is not a folder; fix the path, or leave it out to use "
+            f"{DEFAULT_ROOT}"
+        )
     ds = spec.load(cfg)
     log.info("loaded %s: %d images of shape %s", ds.name, len(ds.labels), ds.input_shape)
     return ds if cfg.fraction >= 1 else subset(ds, cfg.fraction, seed)

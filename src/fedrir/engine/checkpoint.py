@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from fedrir.algorithms.base import Payload, State
 from fedrir.errors import FedrirError
-from fedrir.results import atomic_write
+from fedrir.results import RoundRecord, atomic_write
 
 MANIFEST = "manifest.json"
+COUNTERS = ("bytes_up", "bytes_down", "seconds")
+"""The running totals a snapshot carries besides the history."""
 
 
 @dataclass
@@ -48,8 +50,9 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 class Checkpointer:
     """Writes snapshots into ``directory``, rewriting only what changed."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, config_id: str) -> None:
         self.directory = directory
+        self.config_id = config_id
         directory.mkdir(parents=True, exist_ok=True)
         self.files: dict[str, str] = {}  # "server" / "client.3" → file name, as in the manifest
         manifest = directory / MANIFEST
@@ -68,6 +71,7 @@ class Checkpointer:
         files = self.files | new
         manifest = {
             "round": r,
+            "config": self.config_id,
             "files": files,
             "history": snapshot.history,
             "counters": snapshot.counters,
@@ -81,10 +85,20 @@ class Checkpointer:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    records = {f.name for f in fields(RoundRecord)}
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        if not isinstance(data.get("files"), dict) or not isinstance(data.get("round"), int):
-            raise ValueError("missing keys")
+        data = json.loads(path.read_text())
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("round"), int)
+            and isinstance(data.get("config"), str)
+            and isinstance(data.get("files"), dict)
+            and isinstance(data.get("history"), list)
+            and all(isinstance(r, dict) and set(r) == records for r in data["history"])
+            and isinstance(data.get("counters"), dict)
+            and set(data["counters"]) == set(COUNTERS)
+        ):
+            raise ValueError("not a fedrir checkpoint manifest")
         return data
     except (OSError, ValueError) as e:
         raise FedrirError(
@@ -92,12 +106,19 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def load_snapshot(directory: Path, num_clients: int) -> Snapshot | None:
-    """The latest complete snapshot in ``directory``, or None when no round was checkpointed."""
+def load_snapshot(directory: Path, num_clients: int, config_id: str) -> Snapshot | None:
+    """The latest complete snapshot in ``directory``, or None when no round was checkpointed;
+    refused when it was written under another configuration than ``config_id``."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         return None
     manifest = _read_manifest(manifest_path)
+    if manifest["config"] != config_id:
+        raise FedrirError(
+            f"the checkpoint in {directory} was written under other settings than "
+            f"{directory.parent / 'config.toml'} now holds (was that file edited?); restore it, or "
+            "start a new run"
+        )
     files = manifest["files"]
 
     def load(name: str) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from fedrir.algorithms.base import Algorithm, Payload, State, payload_bytes
 from fedrir.config import Config
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.checkpoint import Checkpointer, Snapshot
+from fedrir.engine.checkpoint import COUNTERS, Checkpointer, Snapshot
 from fedrir.results import RoundRecord, pooled, weighted_metrics
 
 
@@ -37,11 +37,7 @@ class SimState:
             server=self.server,
             clients=self.clients,
             history=[r.to_json() for r in self.history],
-            counters={
-                "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down,
-                "seconds": self.seconds,
-            },
+            counters={name: getattr(self, name) for name in COUNTERS},
         )
 
     @classmethod

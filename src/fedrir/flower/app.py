@@ -37,8 +37,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, State, Task
-from fedrir.api import CONFIG, METRICS, RunResult, default_out_dir, finish_run, prepare
-from fedrir.config import KEYS, Config, config_to_toml, with_overrides
+from fedrir.api import (
+    CONFIG,
+    METRICS,
+    RunResult,
+    default_out_dir,
+    finish_run,
+    new_out_dir,
+    prepare,
+)
+from fedrir.config import KEYS, Config, config_to_toml, flat_value, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
 from fedrir.engine.runtime import resolve_runtime
@@ -75,11 +83,7 @@ ConfigSource = Callable[[Context], Config]
 
 def to_run_config(config: Config) -> dict[str, UserConfigValue]:
     """``config`` as a Flower run config: each key by its flat name."""
-    values: dict[str, UserConfigValue] = {}
-    for name in RUN_KEYS:
-        section = KEYS[name].section
-        values[name] = getattr(getattr(config, section) if section else config, name)
-    return values
+    return {name: flat_value(config, name) for name in RUN_KEYS}
 
 
 def config_from_run_config(run_config: Mapping[str, UserConfigValue]) -> Config:
@@ -241,6 +245,8 @@ def serve(
 ) -> RunResult:
     """The whole run on the server side: connect, run the rounds, write the result files."""
     wall = time.perf_counter()
+    if out is not None:
+        new_out_dir(config, out)  # refuse before waiting for the clients
     nodes, task = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
     if out is not None:

@@ -64,7 +64,7 @@ def run_flower(
     from flwr.simulation import run_simulation
 
     results: list[RunResult] = []
-    bar = Progress(config, 0, progress)
+    bar = Progress(config, 0, progress, out)
     server = ServerApp()
 
     def after_round(record: RoundRecord | None, round_: int) -> None:

@@ -8,6 +8,10 @@ from torch import nn
 
 InputShape = tuple[int, int, int]  # (channels, height, width)
 
+MIN_SIDE = 16
+"""The smallest height and width the trunk takes: two 5×5 convolutions, each followed by a 2×2
+pooling, leave a 1×1 map at 16×16."""
+
 
 def conv_trunk(in_channels: int) -> nn.Sequential:
     """The reference trunk: Conv(in,32,5)–BN–ReLU–MaxPool2–Conv(32,64,5)–BN–ReLU–MaxPool2–flat."""
