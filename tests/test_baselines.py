@@ -20,6 +20,7 @@ from fedrir.algorithms.fedrod import balanced_softmax_loss
 from fedrir.algorithms.supervised import Classifier, Supervised
 from fedrir.config import Config, with_overrides
 from fedrir.data.types import ClientData, FederatedData
+from fedrir.engine.rounds import client_seed, server_seed
 from fedrir.engine.simulator import SimState, initial_state, simulate
 
 SHAPE = (1, 16, 16)
@@ -251,6 +252,20 @@ def test_apfl_learns_its_mixing_weight_within_bounds(data: FederatedData) -> Non
         alphas.append(state["alpha"].item())
     assert alphas[0] == 0.5 and len(set(alphas)) > 1
     assert all(0.0 <= a <= 1.0 for a in alphas)
+
+
+@pytest.mark.parametrize("name", ["ditto", "apfl"])
+def test_the_personal_model_starts_as_the_initial_global_model(name: str) -> None:
+    algo = make(name)
+    server = algo.init_server(server_seed(algo.config))
+    for client in (0, 1):
+        state = algo.init_client(client, client_seed(algo.config, client))
+        personal = {k: v for k, v in state.items() if k.startswith("model/personal.")}
+        assert {k.replace("model/personal.", "global.") for k in personal} == set(server)
+        assert all(
+            torch.equal(server[k.replace("model/personal.", "global.")], v)
+            for k, v in personal.items()
+        )
 
 
 def test_balanced_softmax_shifts_logits_by_log_class_counts() -> None:

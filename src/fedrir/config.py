@@ -138,8 +138,9 @@ class BaselineConfig:
 
     prox_mu: float = 0.01
     """FedProx proximal weight μ."""
-    ft_epochs: int = 1
-    """Local fine-tuning epochs before evaluation (``fedavg-ft``, ``fedbabu``)."""
+    ft_epochs: int = 10
+    """Local fine-tuning epochs before evaluation (``fedavg-ft``, ``fedbabu``); PFLlib's FedBABU
+    default (``--fine_tuning_epochs 10``)."""
     head_epochs: int = 10
     """FedRep: local epochs on the personal head before the body's epoch."""
     ditto_lambda: float = 0.1

@@ -43,6 +43,7 @@ from fedrir.algorithms.base import (
 )
 from fedrir.config import Config
 from fedrir.data.types import ClientData
+from fedrir.engine import rounds
 from fedrir.models.cnn import Encoder, InputShape
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -237,6 +238,12 @@ class GlobalAndPersonal(Supervised):
 
     def _build(self) -> nn.Module:
         return nn.ModuleDict({"global": self._classifier(), "personal": self._classifier()})
+
+    def init_client(self, client_id: int, seed: int) -> State:
+        """The personal model starts as a copy of the initial global model, as PFLlib's deep copy
+        has it (two unrelated random models would make APFL's parameter mixture meaningless)."""
+        start = self.init_server(rounds.server_seed(self.config))
+        return {f"model/personal.{k.removeprefix('global.')}": v for k, v in start.items()}
 
     def _param_groups(self) -> dict[str, list[nn.Parameter]]:
         return self._per_module("global", "personal")
