@@ -178,6 +178,14 @@ def test_other_settings_in_the_same_folder_are_refused(
     config = settings(grid[0].parent / "cache", rounds=3, alpha=0.5)
     with pytest.raises(FedrirError, match=r"other settings \(rounds: 2 there, 3 here; alpha"):
         compare(config, ALGORITHMS, SEEDS, out)
+    # a grid that failed before its first run started takes corrected settings
+    monkeypatch.undo()
+    typo = tmp_path / "typo"
+    with pytest.raises(FedrirError, match="unknown dataset 'nope'"):
+        compare(settings(grid[0].parent / "cache", dataset="nope"), ["fedavg"], [0], typo)
+    assert (typo / "compare.toml").exists() and not (typo / "runs").exists()
+    compare(config, ["fedavg"], [0], typo)
+    assert 'dataset = "synthetic"' in (typo / "compare.toml").read_text()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FedrirError, match="not empty and holds no compare"):
@@ -194,6 +202,12 @@ def test_a_damaged_finished_run_is_named_with_the_fix(
     with pytest.raises(
         FedrirError, match=rf"finished run in {re.escape(str(cell))} is damaged .* delete that"
     ):
+        compare(settings(grid[0].parent / "cache"), ALGORITHMS, SEEDS, out)
+    (cell / "metrics.jsonl").write_text(
+        (grid[0] / cell.relative_to(out) / "metrics.jsonl").read_text()
+    )
+    (cell / "summary.json").write_text('{"final_accuracy": 0.5}')
+    with pytest.raises(FedrirError, match=r"damaged \('best_accuracy' is missing\)"):
         compare(settings(grid[0].parent / "cache"), ALGORITHMS, SEEDS, out)
 
 
@@ -236,6 +250,9 @@ def test_command_line_continues_the_grid_and_prints_the_table(
     printed = capsys.readouterr()
     assert "| fedrir |" in printed.out and "| fedavg |" in printed.out
     assert "8/8" in printed.err  # the grid's bar: 2 algorithms × 2 seeds × 2 rounds
+    assert "?round/s" in printed.err  # runs finished before are not counted as speed now
+    assert run_cli([*argv, "--cache-dir", cache, "--out", str(out), "--quiet"]) == 0
+    assert "round" not in capsys.readouterr().err
     md = (out / "results.md").read_text()
     command = next(line for line in md.splitlines() if line.startswith("Command: `fedrir compare "))
     for flag in ("--algorithms fedrir,fedavg", "--seeds 0,1", "--fraction 0.2", "--clients 3"):

@@ -46,7 +46,9 @@ def test_fedrir_learns_and_writes_its_files(tmp_path: Path) -> None:
     result = fedrir.run(small(tmp_path), out=out)
     s = result.summary
     assert s["final_accuracy"] > 0.75  # 2 classes per client: chance is 50 % (measured: 0.83)
-    assert s["best_accuracy"] >= s["final_accuracy"]
+    assert s["final_accuracy"] == result.history[-1].accuracy
+    best = max(result.history, key=lambda r: r.accuracy)
+    assert (s["best_accuracy"], s["best_round"]) == (best.accuracy, best.round)
     assert s["rounds"] == 3 and len(result.history) == 3
     for name in ("config.toml", "metrics.jsonl", "summary.json", "curves.png"):
         assert (out / name).stat().st_size > 0
@@ -156,6 +158,12 @@ def test_resume_can_extend_a_finished_run_but_not_shorten_it(tmp_path: Path) -> 
     assert (out / "metrics.jsonl").read_text() == before
     longer = fedrir.resume(out, rounds=3)
     assert [r.round for r in longer.history] == [1, 2, 3]
+    # without its checkpoint a finished run is refused, not redone over its own results
+    shutil.rmtree(out / "checkpoint")
+    summary = (out / "summary.json").read_text()
+    with pytest.raises(FedrirError, match="finished run without its checkpoint"):
+        fedrir.resume(out, rounds=4)
+    assert (out / "summary.json").read_text() == summary
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_to_the_same_summary(

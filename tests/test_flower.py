@@ -28,7 +28,6 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedrir
-from fedrir.algorithms import ALGORITHMS
 from fedrir.algorithms.base import payload_bytes
 from fedrir.config import Config, with_overrides
 from fedrir.engine import rounds
@@ -39,11 +38,13 @@ from fedrir.flower.app import (
     APP_SETTINGS,
     config_from_run_config,
     make_client_app,
+    run_timeout,
     serve,
     to_run_config,
 )
 from fedrir.flower.records import from_record, message_bytes, to_record
 from fedrir.flower.runner import run_flower
+from fedrir.flower.strategy import error_reason
 from fedrir.results import RoundRecord, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,12 @@ class LoopbackGrid(Grid):
             if node in self.gone:
                 replies.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "gone"), reply_to=m))
             else:
-                replies.append(self.client_app(m, self.contexts[node]))
+                try:
+                    replies.append(self.client_app(m, self.contexts[node]))
+                except Exception as ex:  # reported as Flower's SuperNode runtime reports it
+                    reason = f"{type(ex)}:<'{ex}'>"
+                    error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
+                    replies.append(Message(error, reply_to=m))
         return replies
 
     def set_run(self, run: Any) -> None:
@@ -203,6 +209,10 @@ def test_loopback_partial_participation_and_dropout_match_in_process(tmp_path: P
     for f, s in zip(result.history, sim.history, strict=True):
         assert s.bytes_down <= f.bytes_down <= s.bytes_down + 4096 * f.selected
         assert s.bytes_up <= f.bytes_up <= s.bytes_up + 4096 * f.participants
+    # evaluation reaches all 4 clients (not only the selected) in both engines, rounds 2 and 3
+    sim_eval = sim.summary["bytes_evaluation_downloaded"]
+    assert sim_eval == 2 * 4 * sim.history[0].bytes_down // sim.history[0].selected
+    assert sim_eval <= result.summary["bytes_evaluation_downloaded"] <= sim_eval + 4096 * 2 * 4
     for name in RESULT_FILES:
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert [r["round"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 3]
@@ -234,6 +244,41 @@ def test_missing_clients_fail_with_a_clear_message(tmp_path: Path) -> None:
         serve(grid, cfg, None, timeout=1.0)
 
 
+def test_a_client_or_app_setting_error_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    cfg = small(tmp_path)
+    grid = LoopbackGrid(make_client_app(lambda _: cfg), 3)
+    del grid.contexts[grid.node_of(1)].node_config["partition-id"]
+    fix = "no integer partition-id; start it with --node-config 'partition-id=<i>"
+    with _task_identity(), pytest.raises(fedrir.FedrirError, match=fix) as raised:
+        serve(grid, cfg, None, timeout=1.0)
+    assert str(raised.value).startswith("node ") and "\n" not in str(raised.value)
+    # the simulation engine wraps the message and names no type; other errors keep their type
+    with _task_identity():
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    wrapped = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+        "ClientAppException occurred. Message: fmnist: not found; run make data'>"
+    )
+    for reason, said in [
+        (wrapped, "fmnist: not found; run make data"),
+        ("<class 'ZeroDivisionError'>:<'division by zero'>", "ZeroDivisionError: division by zero"),
+        ("gone", "gone"),
+    ]:
+        assert error_reason(Message(Error(ErrorCode.UNKNOWN, reason), reply_to=msg)) == said
+    assert run_timeout({}) == APP_SETTINGS["timeout"] and run_timeout({"timeout": 5}) == 5.0
+    for bad in ("x", -1.0, True):
+        with pytest.raises(ConfigError, match="timeout must be a positive number of seconds"):
+            run_timeout({"timeout": bad})
+
+
+def test_bad_settings_stop_the_simulation_engine_before_ray_starts(tmp_path: Path) -> None:
+    import ray
+
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+        run_flower(small(tmp_path, dataset="nope"), tmp_path / "run")
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- simulation engine
 
 
@@ -257,7 +302,6 @@ def test_fedrir_run_hands_the_flower_engine_to_run_flower(
 def test_flower_simulation_matches_in_process(tmp_path: Path, algorithm: str) -> None:
     import ray
 
-    assert algorithm in ALGORITHMS
     cfg = small(tmp_path, algorithm=algorithm)
     sim = fedrir.run(with_overrides(cfg, {"engine": "sim"}), out=None)
     seen: list[int] = []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrir.algorithms import get_algorithm
-from fedrir.algorithms.base import Algorithm, Task
+from fedrir.algorithms.base import Algorithm, Task, payload_bytes
 from fedrir.config import Config, config_to_toml, load_config, run_identity
 from fedrir.data.types import FederatedData
 from fedrir.engine.runtime import resolve_runtime
@@ -44,6 +44,8 @@ CONFIG, METRICS, SUMMARY, CURVES, CHECKPOINT = (
     "curves.png",
     "checkpoint",
 )
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, CURVES)
+"""What a run folder holds besides its checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,13 @@ def _execute(
         )
     finally:
         bar.close()
-    return finish_run(algorithm, state.history, out, wall, {"engine": "sim"})
+    # evaluation sends the global payload to every client, as a deployment does (Flower counts it)
+    evaluated = len(state.history) * data.num_clients
+    extra = {
+        "engine": "sim",
+        "bytes_evaluation_downloaded": evaluated * payload_bytes(algorithm.broadcast(state.server)),
+    }
+    return finish_run(algorithm, state.history, out, wall, extra)
 
 
 def _check_resumable(out: Path, snapshot: Snapshot | None, config: Config) -> None:
@@ -173,6 +181,11 @@ def _check_resumable(out: Path, snapshot: Snapshot | None, config: Config) -> No
             raise FedrirError(
                 f"{out} was run with checkpoint_every = 0 and has no checkpoint to resume from; "
                 "rerun it into another --out"
+            )
+        if (out / SUMMARY).exists():  # starting over would overwrite its results
+            raise FedrirError(
+                f"{out} is a finished run without its checkpoint/, so it cannot be continued; "
+                "rerun it with the rounds you want into another --out"
             )
     elif snapshot.round > config.rounds:
         raise FedrirError(

@@ -52,7 +52,7 @@ def _data_keys() -> list[Key]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedrir.api import new_out_dir, resume, run
+    from fedrir.api import RESULT_FILES, new_out_dir, resume, run
     from fedrir.results import format_summary
 
     if args.resume is not None:
@@ -78,9 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(result.summary))
     if result.out_dir is not None:
-        print(
-            f"results in {result.out_dir}/ (config.toml, metrics.jsonl, summary.json, curves.png)"
-        )
+        print(f"results in {result.out_dir}/ ({', '.join(RESULT_FILES)})")
     return 0
 
 

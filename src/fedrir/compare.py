@@ -98,9 +98,11 @@ def run_dir(out: Path, algorithm: str, seed: int) -> Path:
 
 
 def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -> None:
-    """Make ``out`` this grid's folder, or check that it already is one with the same settings."""
+    """Make ``out`` this grid's folder, or check that it already is one with the same settings.
+    A grid whose first run never started (a typo, data not there) takes the new settings."""
     grid = out / GRID
-    if grid.exists():
+    started = any((out / RUNS).glob(f"*/{api.CONFIG}"))
+    if grid.exists() and started:
         stored = load_config(grid)
         differ = [
             f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
@@ -114,7 +116,7 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
             )
         return
     make_out_dir(out)
-    if any(out.iterdir()):
+    if not grid.exists() and any(out.iterdir()):
         raise FedrirError(f"{out} is not empty and holds no compare ({GRID}); pick another --out")
     header = (
         "# Settings shared by every run of the fedrir compare in this folder. The grid sets\n"
@@ -144,11 +146,22 @@ class GridProgress:
         self.run = f"{algorithm} seed {seed}"
         self.bar.set_postfix_str(self.run)
 
-    def to(self, position: int, record: RoundRecord | None = None) -> None:
-        """Move to grid round ``position``; ``record`` is the round's evaluation, if it had one."""
+    def skip_to(self, position: int) -> None:
+        """Move to grid round ``position`` without counting the rounds passed as work done now
+        (they ran in an earlier session), so the rate and the time left are this session's."""
+        if self.bar.disable:  # a disabled tqdm keeps no counts
+            return
+        self.bar.initial += position - self.bar.n
+        self.bar.n = self.bar.last_print_n = position
+        self.bar.refresh()
+
+    def ran(self, position: int, record: RoundRecord | None) -> None:
+        """Grid round ``position`` has just run; ``record`` is its evaluation, if it had one.
+        Unreported rounds before it were restored from a checkpoint."""
+        self.skip_to(position - 1)
         if record is not None:
             self.bar.set_postfix_str(f"{self.run} acc {100 * record.accuracy:.2f}%")
-        self.bar.update(position - self.bar.n)
+        self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
@@ -165,24 +178,50 @@ def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None
             )
 
         def on_round(record: RoundRecord | None, r: int) -> None:
-            bar.to(offset + r, record)
+            bar.ran(offset + r, record)
 
         if (path / api.CONFIG).exists():
             api.resume(path, on_round=on_round)
         else:
             api.run(config, path, on_round=on_round)
-    bar.to(offset + config.rounds)
+    bar.skip_to(offset + config.rounds)
+
+
+SUMMARY_NUMBERS = (
+    "final_accuracy",
+    "best_accuracy",
+    "client_accuracy_std",
+    "bytes_uploaded_per_round",
+    "seconds_per_round",
+)
+"""What the table reads from each run's ``summary.json``, besides parameter counts."""
 
 
 def _finished(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A finished run's summary and per-round metrics, or one line on how to redo it."""
     try:
-        return json.loads((path / api.SUMMARY).read_text()), read_metrics(path / api.METRICS)
+        summary = json.loads((path / api.SUMMARY).read_text())
+        metrics = read_metrics(path / api.METRICS)
+        _check_numbers(summary, metrics)
     except (OSError, ValueError) as e:
         raise FedrirError(
             f"the finished run in {path} is damaged ({e}); delete that folder and rerun the "
             "compare to redo it"
         ) from None
+    return summary, metrics
+
+
+def _check_numbers(summary: Any, metrics: list[Any]) -> None:
+    """ValueError unless a finished run holds everything the table and the curves read."""
+    try:
+        numbers = [summary[k] for k in SUMMARY_NUMBERS]
+        numbers += [summary["parameters"][k] for k in ("shared", "private")]
+        numbers += [r[k] for r in metrics for k in ("round", "accuracy", "loss")]
+        labelled = isinstance(summary["evaluated_on"], str)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{e} is missing") from None
+    if not metrics or not labelled or not all(isinstance(x, int | float) for x in numbers):
+        raise ValueError("it has no evaluated round, or a value of the wrong type")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:

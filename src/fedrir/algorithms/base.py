@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
@@ -140,11 +140,13 @@ def weighted_mean(updates: Sequence[tuple[Payload, float]]) -> Payload:
     return out
 
 
-def module_state(module: nn.Module, prefix: str) -> State:
-    """A detached copy of ``module``'s parameters and buffers, keys prefixed."""
+def module_state(module: nn.Module, prefix: str = "", keys: Collection[str] | None = None) -> State:
+    """A detached copy of ``module``'s parameters and buffers (those named in ``keys``, if
+    given), keys prefixed."""
     return {
         f"{prefix}{k}": v.detach().clone(memory_format=torch.contiguous_format)
         for k, v in module.state_dict().items()
+        if keys is None or k in keys
     }
 
 

@@ -17,7 +17,7 @@ and ``opt_<group>/<param>/<entry>`` for the optimizer states.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -37,6 +37,7 @@ from fedrir.algorithms.base import (
     load_module_state,
     load_optimizer_state,
     make_optimizer,
+    module_state,
     optimizer_state,
     seeded_init,
     weighted_mean,
@@ -122,13 +123,6 @@ class Supervised(Algorithm):
 
     # --- state in and out of the workspace ----------------------------------------------------
 
-    def _tensors(self, keys: Collection[str], prefix: str = "") -> State:
-        return {
-            f"{prefix}{k}": v.detach().clone(memory_format=torch.contiguous_format)
-            for k, v in self.modules.state_dict().items()
-            if k in keys
-        }
-
     def _load(self, payload: Payload, state: State) -> None:
         load_module_state(
             self.modules, {**state, **{f"model/{k}": v for k, v in payload.items()}}, "model/"
@@ -137,7 +131,7 @@ class Supervised(Algorithm):
             load_optimizer_state(opt, self.params, state, f"opt_{name}/")
 
     def _save(self) -> State:
-        state = self._tensors(self.private_keys, "model/")
+        state = module_state(self.modules, "model/", self.private_keys)
         for name, opt in self.optimizers.items():
             state |= optimizer_state(opt, self.names, f"opt_{name}/")
         return state
@@ -145,18 +139,10 @@ class Supervised(Algorithm):
     # --- the contract -------------------------------------------------------------------------
 
     def init_server(self, seed: int) -> Payload:
-        model = seeded_init(seed, self._build)
-        return {
-            k: v.detach().clone() for k, v in model.state_dict().items() if k in self.server_keys
-        }
+        return module_state(seeded_init(seed, self._build), keys=self.server_keys)
 
     def init_client(self, client_id: int, seed: int) -> State:
-        model = seeded_init(seed, self._build)
-        return {
-            f"model/{k}": v.detach().clone()
-            for k, v in model.state_dict().items()
-            if k in self.private_keys
-        }
+        return module_state(seeded_init(seed, self._build), "model/", self.private_keys)
 
     def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
         """Sample-weighted mean of the uploads; what the server holds but nobody uploads stays."""
@@ -174,7 +160,9 @@ class Supervised(Algorithm):
         self._load(payload, state)
         self.modules.train()
         metrics = self._local_train(data, rng)
-        return Update(self._tensors(self.upload_keys), data.num_train, self._save(), metrics)
+        return Update(
+            module_state(self.modules, keys=self.upload_keys), data.num_train, self._save(), metrics
+        )
 
     def evaluate(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator

@@ -54,7 +54,7 @@ from fedrir.errors import ConfigError, FedrirError
 from fedrir.flower.records import from_record, to_record
 from fedrir.flower.strategy import CONFIG as CONFIG_RECORD
 from fedrir.flower.strategy import METRICS as METRICS_RECORD
-from fedrir.flower.strategy import NUM_EXAMPLES, PAYLOAD, FedrirStrategy
+from fedrir.flower.strategy import NUM_EXAMPLES, PAYLOAD, FedrirStrategy, error_reason
 from fedrir.results import (
     RoundRecord,
     append_metrics,
@@ -109,10 +109,21 @@ def _prepared(config: Config) -> tuple[Algorithm, FederatedData]:
     return prepare(config)
 
 
+def _partition(context: Context) -> int:
+    """The client this node holds, from its ``--node-config``."""
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            "this SuperNode has no integer partition-id; start it with --node-config "
+            "'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
 def _client(context: Context, load: ConfigSource) -> tuple[Config, Algorithm, ClientData, int]:
     config = load(context)
     algorithm, data = _prepared(config)
-    partition = int(context.node_config["partition-id"])
+    partition = _partition(context)
     if not 0 <= partition < data.num_clients:
         raise FedrirError(
             f"this node holds partition {partition}, but the run has {data.num_clients} clients"
@@ -137,7 +148,7 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
         algorithm, _ = _prepared(load(context))
         info = ConfigRecord(
             {
-                "partition-id": int(context.node_config["partition-id"]),
+                "partition-id": _partition(context),
                 "input-shape": list(algorithm.task.input_shape),
                 "num-classes": algorithm.task.num_classes,
             }
@@ -207,7 +218,7 @@ def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[
         for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise FedrirError(f"node {node} cannot serve this run: {reply.error.reason}")
+                raise FedrirError(f"node {node} cannot serve this run: {error_reason(reply)}")
             info = reply.content.config_records[INFO_RECORD]
             partition = int(info["partition-id"])  # type: ignore[arg-type]
             reported = Task(
@@ -288,8 +299,15 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     config = config_from_context(context)
-    timeout = float(context.run_config.get("timeout", APP_SETTINGS["timeout"]))
-    serve(grid, config, _out_dir(context.run_config, config), timeout)
+    serve(grid, config, _out_dir(context.run_config, config), run_timeout(context.run_config))
+
+
+def run_timeout(run_config: Mapping[str, UserConfigValue]) -> float:
+    """The run config's ``timeout`` (seconds), checked."""
+    value = run_config.get("timeout", APP_SETTINGS["timeout"])
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(f"timeout must be a positive number of seconds; got {value!r}")
 
 
 client_app = make_client_app()

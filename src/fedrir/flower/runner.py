@@ -18,8 +18,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrir.api import Progress, RunResult
+from fedrir.api import Progress, RunResult, prepare
 from fedrir.config import Config
+from fedrir.errors import FedrirError
 from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
 from fedrir.results import RoundRecord
 
@@ -63,7 +64,9 @@ def run_flower(
     import ray
     from flwr.simulation import run_simulation
 
+    prepare(config)  # bad names, missing data, impossible partitions: one line, before Ray starts
     results: list[RunResult] = []
+    errors: list[FedrirError] = []
     bar = Progress(config, 0, progress, out)
     server = ServerApp()
 
@@ -75,7 +78,10 @@ def run_flower(
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         timeout = float(APP_SETTINGS["timeout"])
-        results.append(serve(grid, config, out, timeout, on_round=after_round))
+        try:
+            results.append(serve(grid, config, out, timeout, on_round=after_round))
+        except FedrirError as e:  # raised again below, in the caller's thread
+            errors.append(e)
 
     try:
         with offline_flower():
@@ -92,6 +98,8 @@ def run_flower(
         bar.close()
         if ray.is_initialized():  # Flower shuts Ray down itself, unless something failed first
             ray.shutdown()
+    if errors:
+        raise errors[0]
     if not results:
-        raise RuntimeError("the Flower simulation ended without a result; see its log above")
+        raise FedrirError("the Flower simulation ended without a result; see its log above")
     return results[0]

@@ -10,6 +10,7 @@ aggregated in partition order so that the floating-point sums match that engine 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,22 @@ class _Round:
     participants: int = 0
     bytes_up: int = 0
     train: dict[str, float] = field(default_factory=dict)
+
+
+def error_reason(reply: Message) -> str:
+    """The one line a client's error reply says. Flower wraps a ClientApp's exception as
+    ``<class 'T'>:<'message'>``, and its simulation engine puts a preamble before the message."""
+    reason = reply.error.reason or ""
+    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason, re.DOTALL)
+    if match is not None:
+        kind, reason = match.groups()
+        preamble, _, message = reason.rpartition("occurred. Message: ")
+        if preamble:  # the simulation engine's wrapper, which names no type
+            reason = message
+        elif not kind.startswith("fedrir."):  # not one of ours: say what it was
+            reason = f"{kind.rsplit('.', 1)[-1]}: {reason}"
+    lines = [line.strip() for line in reason.strip().splitlines()]
+    return lines[-1] if lines else "no reason given"
 
 
 class FedrirStrategy(Strategy):
@@ -95,7 +112,7 @@ class FedrirStrategy(Strategy):
         answers = []
         for reply in replies:
             if reply.has_error():
-                log(INFO, "round %d: a client took no part: %s", round_, reply.error.reason)
+                log(INFO, "round %d: a client took no part: %s", round_, error_reason(reply))
             else:
                 answers.append((self.partition[reply.metadata.src_node_id], reply))
         return sorted(answers, key=lambda a: a[0])
