@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
+import fedrir.algorithms
 import fedrir.api
 from fedrir.compare import add_compare_command, compare, parse_seeds, run_dir
 from fedrir.config import Config, with_overrides
 from fedrir.errors import ConfigError, FedrirError
-from fedrir.results import read_metrics
+from fedrir.results import line_looks, read_metrics
 
 ALGORITHMS = ["fedrir", "fedavg"]
 SEEDS = [0, 1]
@@ -262,3 +263,11 @@ def test_command_line_continues_the_grid_and_prints_the_table(
     with pytest.raises(ConfigError, match="--seeds"):
         run_cli([*argv, "--seeds", "x", "--out", str(tmp_path / "other")])
     assert not (tmp_path / "other").exists()
+
+
+def test_every_algorithm_has_its_own_curve_look() -> None:
+    """curves.png of a full grid: no two algorithms drawn in the same colour and line style."""
+    every = len(fedrir.algorithms.ALGORITHMS)
+    assert len(set(line_looks(every))) == every
+    looks = line_looks(40)
+    assert len(set(looks)) == 40 and looks[0] != looks[10] and looks[0][0] == looks[10][0]

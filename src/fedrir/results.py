@@ -125,30 +125,46 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def line_looks(n: int) -> list[tuple[str, str]]:
+    """``n`` (colour, line style) pairs, all different up to 40: ten colours solid, then the same
+    ten dashed, dotted, dash-dotted (matplotlib's default cycle repeats colours after ten, so a
+    grid of 13 algorithms drew three pairs of them alike)."""
+    colours = [f"C{i}" for i in range(10)]
+    styles = ("-", "--", ":", "-.")
+    return [(colours[i % 10], styles[i // 10 % len(styles)]) for i in range(n)]
+
+
 def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Accuracy and loss over rounds, one line per named series (a run, or an algorithm)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in series.items():
-        rounds = [r["round"] for r in rows]
-        ax_acc.plot(rounds, [100 * r["accuracy"] for r in rows], marker=".", label=name)
-        ax_loss.plot(rounds, [r["loss"] for r in rows], marker=".", label=name)
-    ax_acc.set(xlabel="round", ylabel="personalized accuracy (%)", title="accuracy")
-    ax_loss.set(xlabel="round", ylabel="test loss", title="loss")
     from matplotlib.ticker import MaxNLocator
 
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    for (name, rows), (colour, style) in zip(series.items(), line_looks(len(series)), strict=True):
+        rounds = [r["round"] for r in rows]
+        look = {
+            "color": colour,
+            "linestyle": style,
+            "marker": "." if len(rows) <= 30 else None,
+            "label": name,
+        }
+        ax_acc.plot(rounds, [100 * r["accuracy"] for r in rows], **look)
+        ax_loss.plot(rounds, [r["loss"] for r in rows], **look)
+    ax_acc.set(xlabel="round", ylabel="personalized accuracy (%)", title="accuracy")
+    ax_loss.set(xlabel="round", ylabel="test loss", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if len(series) > 1:  # one legend beside both panels, where it hides no curve
+        fig.legend(*ax_acc.get_legend_handles_labels(), loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.88, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
