@@ -129,9 +129,8 @@ def line_looks(n: int) -> list[tuple[str, str]]:
     """``n`` (colour, line style) pairs, all different up to 40: ten colours solid, then the same
     ten dashed, dotted, dash-dotted (matplotlib's default cycle repeats colours after ten, so a
     grid of 13 algorithms drew three pairs of them alike)."""
-    colours = [f"C{i}" for i in range(10)]
     styles = ("-", "--", ":", "-.")
-    return [(colours[i % 10], styles[i // 10 % len(styles)]) for i in range(n)]
+    return [(f"C{i % 10}", styles[i // 10 % len(styles)]) for i in range(n)]
 
 
 def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
