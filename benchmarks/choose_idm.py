@@ -14,9 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedrir.compare import compare, format_mean_std, parse_seeds
+from fedrir.compare import compare, parse_seeds
 from fedrir.config import Config, with_overrides
 from fedrir.errors import FedrirError
+from fedrir.tables import format_mean_std
 
 VARIANTS: dict[str, dict[str, object]] = {
     "idm=nll (reference code)": {"idm": "nll"},

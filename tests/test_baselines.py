@@ -16,11 +16,11 @@ from sklearn.datasets import load_digits
 
 from fedrir.algorithms import ALGORITHMS
 from fedrir.algorithms.base import Algorithm, Runtime, State, Task, payload_bytes
+from fedrir.algorithms.baseline import Baseline, Classifier
 from fedrir.algorithms.fedrod import balanced_softmax_loss
-from fedrir.algorithms.supervised import Classifier, Supervised
 from fedrir.config import Config, with_overrides
 from fedrir.data.types import ClientData, FederatedData
-from fedrir.engine.rounds import client_seed, server_seed
+from fedrir.engine import rounds
 from fedrir.engine.simulator import SimState, initial_state, simulate
 
 SHAPE = (1, 16, 16)
@@ -77,14 +77,14 @@ def make_config(name: str, **overrides: Any) -> Config:
     return with_overrides(Config(), base | overrides)
 
 
-def make(name: str, **overrides: Any) -> Supervised:
+def make(name: str, **overrides: Any) -> Baseline:
     algo = ALGORITHMS[name](make_config(name, **overrides), TASK, CPU)
-    assert isinstance(algo, Supervised)
+    assert isinstance(algo, Baseline)
     return algo
 
 
 def run(algo: Algorithm, data: FederatedData) -> SimState:
-    return simulate(algo, algo.config, data, initial_state(algo, algo.config, data.num_clients))
+    return simulate(algo, algo.config, data, initial_state(algo, data.num_clients))
 
 
 def rng(seed: int = 0) -> torch.Generator:
@@ -140,8 +140,8 @@ def test_uploads_exactly_the_shared_part_and_keeps_the_personal_part(
     algo = make(name)
     uploads, private = SHARING[name]
     server = algo.init_server(1)
-    state = algo.init_client(0, 2)
-    update = algo.local_update(algo.broadcast(server), state, data.clients[0], rng())
+    state = algo.init_client(2, algo.init_server(1))
+    update = algo.local_update(server, state, data.clients[0], rng())
     assert set(update.payload) == uploads
     assert set(server) == (uploads | HEAD if name == "fedbabu" else uploads)
     for s in (state, update.state):
@@ -159,7 +159,9 @@ def test_evaluation_leaves_the_state_alone_and_is_repeatable(
 ) -> None:
     algo = make(name)
     server = algo.init_server(1)
-    state = algo.local_update(server, algo.init_client(0, 2), data.clients[0], rng()).state
+    state = algo.local_update(
+        server, algo.init_client(2, algo.init_server(1)), data.clients[0], rng()
+    ).state
     before = {k: v.clone() for k, v in state.items()}
     first = algo.evaluate(server, state, data.clients[0], rng(5))
     second = algo.evaluate(server, state, data.clients[0], rng(5))
@@ -172,17 +174,17 @@ def test_evaluation_leaves_the_state_alone_and_is_repeatable(
 def test_learns_well_above_chance_and_counts_its_bytes(name: str, data: FederatedData) -> None:
     algo = make(name)
     result = run(algo, data)
-    final = result.history[-1]
+    final = result.ledger.history[-1]
     assert final.round == ROUNDS
     assert final.accuracy > THRESHOLD[name], final.accuracy
     # every client takes part every round: it downloads what the server holds, uploads its part
     tensors = algo.modules.state_dict()
     up = payload_bytes({k: tensors[k] for k in SHARING[name][0]})
     down = payload_bytes(algo.init_server(0))
-    assert result.bytes_up == ROUNDS * data.num_clients * up
-    assert result.bytes_down == ROUNDS * data.num_clients * down
+    assert result.ledger.bytes_up == ROUNDS * data.num_clients * up
+    assert result.ledger.bytes_down == ROUNDS * data.num_clients * down
     if name == "local":
-        assert result.bytes_up == result.bytes_down == 0 and result.server == {}
+        assert result.ledger.bytes_up == result.ledger.bytes_down == 0 and result.server == {}
 
 
 def test_fedprox_with_mu_zero_is_fedavg_exactly(data: FederatedData) -> None:
@@ -191,9 +193,11 @@ def test_fedprox_with_mu_zero_is_fedavg_exactly(data: FederatedData) -> None:
     mu0, mu1 = (
         run(make("fedprox", rounds=2, eval_every=1, prox_mu=mu), small) for mu in (0.0, 1.0)
     )
-    assert [r.client_accuracies for r in mu0.history] == [r.client_accuracies for r in avg.history]
-    assert [r.loss for r in mu0.history] == [r.loss for r in avg.history]
-    assert [r.train for r in mu0.history] == [r.train for r in avg.history]
+    assert [r.client_accuracies for r in mu0.ledger.history] == [
+        r.client_accuracies for r in avg.ledger.history
+    ]
+    assert [r.loss for r in mu0.ledger.history] == [r.loss for r in avg.ledger.history]
+    assert [r.train for r in mu0.ledger.history] == [r.train for r in avg.ledger.history]
     assert all(torch.equal(mu0.server[k], avg.server[k]) for k in avg.server)
     # and the proximal term does act when μ > 0
     assert not torch.equal(mu1.server["body.fc.weight"], avg.server["body.fc.weight"])
@@ -201,7 +205,7 @@ def test_fedprox_with_mu_zero_is_fedavg_exactly(data: FederatedData) -> None:
 
 def test_fedbabu_never_trains_its_head(data: FederatedData) -> None:
     algo = make("fedbabu", rounds=2)
-    start = initial_state(algo, algo.config, data.num_clients)
+    start = initial_state(algo, data.num_clients)
     head0 = {k: start.server[k].clone() for k in HEAD}
     update = algo.local_update(start.server, start.clients[0], data.clients[0], rng())
     workspace = algo.modules.state_dict()
@@ -220,7 +224,9 @@ def test_fedbn_aggregation_leaves_batchnorm_local(data: FederatedData) -> None:
     algo = make("fedbn")
     server = algo.init_server(1)
     a, b = (
-        algo.local_update(server, algo.init_client(c, 10 + c), data.clients[c], rng(c))
+        algo.local_update(
+            server, algo.init_client(10 + c, algo.init_server(1)), data.clients[c], rng(c)
+        )
         for c in (0, 1)
     )
     merged = algo.aggregate(server, [(a.payload, 1), (b.payload, 3)])
@@ -234,7 +240,7 @@ def test_fedbn_aggregation_leaves_batchnorm_local(data: FederatedData) -> None:
 def test_fedrep_trains_the_head_for_head_epochs_then_the_body(data: FederatedData) -> None:
     algo = make("fedrep", head_epochs=3, local_epochs=2)
     state = algo.local_update(
-        algo.init_server(1), algo.init_client(0, 2), data.clients[0], rng()
+        algo.init_server(1), algo.init_client(2, algo.init_server(1)), data.clients[0], rng()
     ).state
     steps = data.clients[0].num_train // 50  # full batches per epoch
     assert state["opt_head/head.weight/step"].item() == 3 * steps
@@ -244,7 +250,7 @@ def test_fedrep_trains_the_head_for_head_epochs_then_the_body(data: FederatedDat
 
 def test_apfl_learns_its_mixing_weight_within_bounds(data: FederatedData) -> None:
     algo = make("apfl", lr=0.05)  # a large step, so that α moves and meets the clipping
-    state: State = algo.init_client(0, 2)
+    state: State = algo.init_client(2, algo.init_server(1))
     server = algo.init_server(1)
     alphas = [state["alpha"].item()]
     for r in range(3):
@@ -257,9 +263,9 @@ def test_apfl_learns_its_mixing_weight_within_bounds(data: FederatedData) -> Non
 @pytest.mark.parametrize("name", ["ditto", "apfl"])
 def test_the_personal_model_starts_as_the_initial_global_model(name: str) -> None:
     algo = make(name)
-    server = algo.init_server(server_seed(algo.config))
+    server = rounds.initial_server(algo)
     for client in (0, 1):
-        state = algo.init_client(client, client_seed(algo.config, client))
+        state = rounds.initial_client(algo, client)
         personal = {k: v for k, v in state.items() if k.startswith("model/personal.")}
         assert {k.replace("model/personal.", "global.") for k in personal} == set(server)
         assert all(
@@ -282,13 +288,15 @@ def test_balanced_softmax_shifts_logits_by_log_class_counts() -> None:
 def test_same_seed_same_numbers_other_seed_other_numbers(data: FederatedData) -> None:
     a, b = (run(make("ditto", rounds=2), few(data)) for _ in range(2))
     c = run(make("ditto", rounds=2, seed=1), few(data))
-    assert [r.client_accuracies for r in a.history] == [r.client_accuracies for r in b.history]
-    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert [r.client_accuracies for r in a.ledger.history] == [
+        r.client_accuracies for r in b.ledger.history
+    ]
+    assert [r.loss for r in a.ledger.history] == [r.loss for r in b.ledger.history]
     assert all(torch.equal(a.server[k], b.server[k]) for k in a.server)
     assert all(
         torch.equal(sa[k], sb[k]) for sa, sb in zip(a.clients, b.clients, strict=True) for k in sa
     )
-    assert [r.loss for r in a.history] != [r.loss for r in c.history]
+    assert [r.loss for r in a.ledger.history] != [r.loss for r in c.ledger.history]
 
 
 def test_parameter_counts_split_shared_and_private() -> None:

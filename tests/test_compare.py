@@ -20,7 +20,8 @@ import pytest
 
 import fedrir.algorithms
 import fedrir.api
-from fedrir.compare import add_compare_command, compare, parse_seeds, run_dir
+from fedrir.cli import add_compare_command
+from fedrir.compare import compare, parse_seeds, run_dir
 from fedrir.config import Config, with_overrides
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.results import line_looks, read_metrics
@@ -137,7 +138,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(
     real_run, real_resume = fedrir.api.run, fedrir.api.resume
     calls: list[tuple[str, str]] = []
 
-    def killed_after_round_1(cfg: Config, path: Path, **kwargs: Any) -> fedrir.api.RunResult:
+    def killed_after_round_1(cfg: Config, path: Path, **kwargs: Any) -> fedrir.RunResult:
         calls.append(("run", path.name))
         on_round: Callable[[Any, int], None] = kwargs["on_round"]
 
@@ -155,7 +156,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(
     assert not (run_dir(out, "fedavg", 1) / "summary.json").exists()
     assert not (out / "results.csv").exists()
 
-    def resume(path: Path, **kwargs: Any) -> fedrir.api.RunResult:
+    def resume(path: Path, **kwargs: Any) -> fedrir.RunResult:
         calls.append(("resume", Path(path).name))
         return real_resume(path, **kwargs)
 

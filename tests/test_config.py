@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrir.cli import build_config, make_parser
+from fedrir.cli import make_parser
 from fedrir.config import (
     KEYS,
     Config,
@@ -17,6 +17,7 @@ from fedrir.config import (
     load_config,
     with_overrides,
 )
+from fedrir.flags import build_config
 
 
 def test_toml_round_trip(tmp_path: Path) -> None:

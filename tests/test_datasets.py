@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fedrir.api import prepare
 from fedrir.config import Config, DataConfig, with_overrides
 from fedrir.data import datasets
 from fedrir.data.datasets import (
@@ -39,6 +38,7 @@ from fedrir.data.datasets import (
 from fedrir.data.download import download, extract_tar
 from fedrir.data.types import Dataset
 from fedrir.errors import ConfigError, DataError
+from fedrir.runs import prepare
 
 MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 MNIST_TEST_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)

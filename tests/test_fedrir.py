@@ -7,6 +7,7 @@ import torch
 
 from fedrir.algorithms.base import Runtime, Task, weighted_mean
 from fedrir.algorithms.fedrir import FedRIR, club_bound, gaussian_nll, mask_patches
+from fedrir.algorithms.workspace import fit
 from fedrir.config import Config, ConfigError, FedRIRConfig, with_overrides
 from fedrir.data.types import ClientData
 
@@ -70,7 +71,7 @@ def test_only_gfe_parameters_are_uploaded(client: ClientData) -> None:
     algo = make_algo()
     server = algo.init_server(0)
     update = algo.local_update(
-        server, algo.init_client(0, 1), client, torch.Generator().manual_seed(0)
+        server, algo.init_client(1, algo.init_server(0)), client, torch.Generator().manual_seed(0)
     )
     gfe_params = {f"gfe.{k}" for k, _ in algo.modules["gfe"].named_parameters()}
     assert set(update.payload) == gfe_params == set(server)
@@ -108,21 +109,25 @@ def _changed(before: dict[str, torch.Tensor], algo: FedRIR) -> set[str]:
 
 def test_stage_one_updates_only_csfe_and_generator(client: ClientData) -> None:
     algo = make_algo()
-    algo._load(algo.init_server(0), algo.init_client(0, 1))
+    server = algo.init_server(0)
+    algo.workspace.load(server, algo.init_client(1, server))
     algo.modules.train()
     before = _snapshot(algo, ("gfe", "csfe", "gen", "idm", "head"))
-    algo._train_mcsl(client, torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(0)
+    fit(algo.runtime, client, rng, 1, 20, algo.mcsl_step(rng))
     assert _changed(before, algo) == {"csfe", "gen"}
 
 
 @pytest.mark.parametrize("idm", ["nll", "club"])
 def test_stage_two_updates_only_gfe_idm_and_head(client: ClientData, idm: str) -> None:
     algo = make_algo(idm=idm)
-    algo._load(algo.init_server(0), algo.init_client(0, 1))
+    server = algo.init_server(0)
+    algo.workspace.load(server, algo.init_client(1, server))
     algo.modules.train()
     before = _snapshot(algo, ("gfe", "csfe", "gen", "idm", "head"))
     csfe_stats = algo.modules["csfe"].trunk[1].running_mean.clone()
-    metrics = algo._train_classifier(client, torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(0)
+    metrics = fit(algo.runtime, client, rng, 1, 20, algo.classifier_step())
     assert _changed(before, algo) == {"gfe", "idm", "head"}
     # the frozen CSFE still runs in training mode: its BatchNorm statistics move
     assert not torch.equal(csfe_stats, algo.modules["csfe"].trunk[1].running_mean)
@@ -140,7 +145,8 @@ def test_idm_gradients_reach_the_right_modules(client: ClientData, idm: str) -> 
     """nll: λ·NLL into IDM and GFE alike. club: the NLL into the IDM only, λ·bound into the GFE."""
     weight = 0.5
     algo = make_algo(idm=idm, idm_weight=weight)
-    algo._load(algo.init_server(0), algo.init_client(0, 1))
+    server = algo.init_server(0)
+    algo.workspace.load(server, algo.init_client(1, server))
     x = client.train_x[:20]
     f_cs = algo._features(x)
     gfe, q = algo.modules["gfe"], algo.modules["idm"]
@@ -171,7 +177,7 @@ def test_idm_gradients_reach_the_right_modules(client: ClientData, idm: str) -> 
 def test_optimizer_state_persists_across_rounds(client: ClientData) -> None:
     algo = make_algo()
     server = algo.init_server(0)
-    state = algo.init_client(0, 1)
+    state = algo.init_client(1, algo.init_server(0))
     assert not any(k.startswith("opt_") for k in state)
     steps_per_round = client.num_train // 20
     for r in (1, 2):
@@ -183,7 +189,7 @@ def test_optimizer_state_persists_across_rounds(client: ClientData) -> None:
 def test_independent_inits_when_common_init_is_off(client: ClientData) -> None:
     algo = make_algo(common_init=False)
     assert algo.init_server(0) == {}
-    a, b = algo.init_client(0, 1), algo.init_client(1, 2)
+    a, b = algo.init_client(1, algo.init_server(0)), algo.init_client(2, algo.init_server(0))
     assert not torch.equal(a["model/gfe.fc.weight"], b["model/gfe.fc.weight"])
     update = algo.local_update({}, a, client, torch.Generator().manual_seed(0))
     assert set(update.payload) == {f"gfe.{k}" for k, _ in algo.modules["gfe"].named_parameters()}
@@ -193,7 +199,10 @@ def test_ablations_build_the_right_modules(client: ClientData) -> None:
     no_mcsl = make_algo(mcsl=False, idm="none")
     assert set(no_mcsl.modules) == {"gfe", "head"}
     update = no_mcsl.local_update(
-        no_mcsl.init_server(0), no_mcsl.init_client(0, 1), client, torch.Generator().manual_seed(0)
+        no_mcsl.init_server(0),
+        no_mcsl.init_client(1, no_mcsl.init_server(0)),
+        client,
+        torch.Generator().manual_seed(0),
     )
     assert "recon_loss" not in update.metrics
     no_idm = make_algo(idm="none")

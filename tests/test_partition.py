@@ -264,7 +264,7 @@ def test_validation_is_carved_from_train_and_leaves_test_alone(tmp_path: Path) -
     data = federate(ds, part)
     for i, client in enumerate(data.clients):
         assert client.num_train == len(part.train_idx[i])
-        assert torch.equal(client.test_y, ds.labels[torch.from_numpy(part.val_idx[i])])
+        assert torch.equal(client.eval_y, ds.labels[torch.from_numpy(part.val_idx[i])])
 
 
 def test_natural_keeps_the_given_test_split(tmp_path: Path) -> None:
@@ -290,10 +290,10 @@ def test_federate_normalises_to_minus_one_one(tmp_path: Path) -> None:
     part = make_partition(cfg(tmp_path, partition="iid", clients=4), ds, seed=0)
     data = federate(ds, part)
     assert data.num_clients == 4 and data.num_classes == K and data.input_shape == (1, 6, 6)
-    xs = torch.cat([torch.cat([c.train_x, c.test_x]) for c in data.clients])
+    xs = torch.cat([torch.cat([c.train_x, c.eval_x]) for c in data.clients])
     assert xs.dtype == torch.float32 and xs.min() == -1.0 and xs.max() == 1.0  # pixels 0 and 255
     c0 = data.clients[0]
-    assert c0.train_x.is_contiguous() and c0.test_x.is_contiguous()
+    assert c0.train_x.is_contiguous() and c0.eval_x.is_contiguous()
     idx = torch.from_numpy(part.train_idx[0])
     expected = (ds.images[idx].float() / 255 - 0.5) / 0.5
     assert torch.allclose(c0.train_x, expected) and torch.equal(c0.train_y, ds.labels[idx])
@@ -305,8 +305,8 @@ def test_build_federated_loads_partitions_and_normalises(
     ds = make_dataset()
     monkeypatch.setattr(federated, "load_dataset", lambda cfg, seed: ds)
     data = build_federated(cfg(tmp_path, partition="pat", clients=10), seed=0, batch_size=10)
-    assert sum(c.num_train + c.num_test for c in data.clients) == len(ds.labels)
-    assert all(len(torch.cat([c.train_y, c.test_y]).unique()) == 2 for c in data.clients)
+    assert sum(c.num_train + c.num_eval for c in data.clients) == len(ds.labels)
+    assert all(len(torch.cat([c.train_y, c.eval_y]).unique()) == 2 for c in data.clients)
 
 
 # --- cache ----------------------------------------------------------------------------------------

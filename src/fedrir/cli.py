@@ -4,64 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from fedrir.config import KEYS, Config, Key, load_config, with_overrides
+from fedrir import compare
+from fedrir.api import resume, run
+from fedrir.config import KEYS
+from fedrir.data.datasets import describe_datasets, load_dataset
+from fedrir.data.federated import make_partition
+from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
 from fedrir.errors import FedrirError
+from fedrir.flags import add_config_flags, as_flags, build_config, data_keys, flag, given
+from fedrir.results import format_summary
+from fedrir.runs import RESULT_FILES, new_out_dir
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, keys: Sequence[Key]) -> None:
-    """One flag per config key, named like the key; booleans get a ``--no-…`` form too."""
-    parser.add_argument(
-        "--config", metavar="FILE", help="TOML file with settings (flags override it)"
-    )
-    for key in keys:
-        default = key.field.default
-        kwargs: dict[str, Any] = {"dest": key.name, "default": argparse.SUPPRESS}
-        if key.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = f"[{key.dotted}] default: {'on' if default else 'off'}"
-        else:
-            kwargs["type"] = key.type
-            kwargs["metavar"] = key.type.__name__.upper()
-            kwargs["help"] = f"[{key.dotted}] default: {default!r}"
-        parser.add_argument(_flag(key.name), **kwargs)
-
-
-def build_config(args: argparse.Namespace) -> Config:
-    """The config file (if any), then every flag given on the command line on top."""
-    base = load_config(args.config) if getattr(args, "config", None) else Config()
-    overrides = {name: getattr(args, name) for name in KEYS if hasattr(args, name)}
-    return with_overrides(base, overrides)
-
-
-def _data_keys() -> list[Key]:
-    return [k for k in KEYS.values() if k.section == "data"] + [KEYS["seed"], KEYS["batch_size"]]
 
 
 # --- commands ------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedrir.api import RESULT_FILES, new_out_dir, resume, run
-    from fedrir.results import format_summary
-
     if args.resume is not None:
-        given = [_flag(n) for n in KEYS if hasattr(args, n) and n != "rounds"]
-        given += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
-        if given:
+        typed = [flag(n) for n in given(args) if n != "rounds"]
+        typed += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
+        if typed:
             raise FedrirError(
                 "--resume continues a run with its saved config.toml; only --rounds may be "
-                f"changed (got: {', '.join(given)})"
+                f"changed (got: {', '.join(typed)})"
             )
         out, resumable = Path(args.resume), True
     else:
@@ -83,8 +55,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from fedrir.data.datasets import describe_datasets
-
     rows = describe_datasets(build_config(args).data)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -99,10 +69,6 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from fedrir.data.datasets import load_dataset
-    from fedrir.data.federated import make_partition
-    from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
-
     config = build_config(args)
     heatmap = Path(args.heatmap) if args.heatmap is not None else None
     if heatmap is not None and heatmap.suffix.lower() != ".png":
@@ -123,6 +89,49 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    config, seeds = build_config(args), compare.parse_seeds(args.seeds)
+    words = ["--algorithms", args.algorithms, "--seeds", args.seeds]
+    command = "fedrir compare " + shlex.join([*words, *as_flags(args), "--out", args.out])
+    try:
+        compare.compare(
+            config, args.algorithms.split(","), seeds, args.out, not args.quiet, command=command
+        )
+    except KeyboardInterrupt:
+        print(
+            "fedrir: interrupted; rerun the same command to continue (finished runs are kept)",
+            file=sys.stderr,
+        )
+        return 130
+    out = Path(args.out)
+    print((out / compare.RESULTS_MD).read_text(), end="")
+    files = (compare.RESULTS_CSV, compare.RESULTS_MD, compare.CURVES, f"{compare.RUNS}/")
+    print(f"\nresults in {out}/ ({', '.join(files)})")
+    return 0
+
+
+def add_compare_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``fedrir compare``."""
+    p = subparsers.add_parser(
+        "compare", help="run several algorithms × seeds on the same settings and tabulate them"
+    )
+    p.add_argument(
+        "--algorithms", required=True, metavar="A,B,…", help="comma-separated algorithm names"
+    )
+    p.add_argument(
+        "--seeds", default="0,1,2", metavar="S,S,…", help="comma-separated seeds (default: 0,1,2)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="grid folder; rerunning into it continues the grid",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, [k for name, k in KEYS.items() if name not in compare.PER_RUN])
+    p.set_defaults(handler=cmd_compare)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrir",
@@ -131,7 +140,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="train one algorithm (default: FedRIR on MNIST, dir α=0.1)")
-    _add_config_flags(p, list(KEYS.values()))
+    add_config_flags(p, list(KEYS.values()))
     p.add_argument("--out", metavar="DIR", help="result folder (default: a new one under runs/)")
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
@@ -140,17 +149,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("datasets", help="list datasets and whether each is available here")
-    _add_config_flags(p, _data_keys())
+    add_config_flags(p, data_keys())
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_datasets)
 
     p = sub.add_parser("partition", help="show how a dataset is split across clients")
-    _add_config_flags(p, _data_keys())
+    add_config_flags(p, data_keys())
     p.add_argument("--json", action="store_true", help="print the per-client numbers as JSON")
     p.add_argument("--heatmap", metavar="PNG", help="also draw the labels × clients heatmap there")
     p.set_defaults(handler=cmd_partition)
-
-    from fedrir.compare import add_compare_command
 
     add_compare_command(sub)
     return parser

@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms.base import Evaluation
-from fedrir.errors import FedrirError
 
 
 @dataclass(frozen=True)
 class RoundRecord:
     """One evaluated round. Byte counts and ``seconds`` are this round's; ``*_total`` and
-    ``elapsed`` are cumulative. Times cover training, aggregation and evaluation; writing
+    ``elapsed`` are cumulative. ``bytes_*`` count the tensors handed over (equal on both
+    engines), ``message_bytes_*`` what the transport carried for them (see
+    :mod:`fedrir.engine.ledger`). Times cover training, aggregation and evaluation; writing
     checkpoints and loading data are not in them (the summary's ``wall_seconds`` has everything)."""
 
     round: int
@@ -30,6 +31,8 @@ class RoundRecord:
     selected: int
     bytes_up: int
     bytes_down: int
+    message_bytes_up: int
+    message_bytes_down: int
     bytes_up_total: int
     bytes_down_total: int
     seconds: float
@@ -55,7 +58,7 @@ def pooled(evaluations: Sequence[Evaluation]) -> dict[str, Any]:
     }
 
 
-def weighted_metrics(metrics: Sequence[tuple[dict[str, float], int]]) -> dict[str, float]:
+def weighted_metrics(metrics: Sequence[tuple[Mapping[str, float], int]]) -> dict[str, float]:
     """Training metrics of the clients that took part, weighted by their sample counts."""
     total = sum(n for _, n in metrics)
     if not total:
@@ -83,21 +86,6 @@ def summarize(records: Sequence[RoundRecord], extra: dict[str, Any]) -> dict[str
         "seconds_per_round": seconds / last.round,
         **extra,
     }
-
-
-def check_out_dir(path: Path) -> None:
-    """Stop early when the result folder ``path`` is an existing file."""
-    if path.exists() and not path.is_dir():
-        raise FedrirError(f"{path} is a file, not a folder; pick another --out")
-
-
-def make_out_dir(path: Path) -> None:
-    """Create the result folder ``path`` (and its parents), or say in one line why it cannot be."""
-    check_out_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FedrirError(f"cannot create {path} ({e.strerror}); pick another --out") from None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -135,13 +123,11 @@ def line_looks(n: int) -> list[tuple[str, str]]:
 
 def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Accuracy and loss over rounds, one line per named series (a run, or an algorithm)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for (name, rows), (colour, style) in zip(series.items(), line_looks(len(series)), strict=True):
         rounds = [r["round"] for r in rows]
         look = {
@@ -165,7 +151,6 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str 
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 from fedrir.algorithms.base import Payload, State
-from fedrir.algorithms.supervised import GlobalAndPersonal
+from fedrir.algorithms.baseline import GlobalAndPersonal
 from fedrir.data.types import ClientData
 
 
@@ -24,9 +24,9 @@ class APFL(GlobalAndPersonal):
 
     name = "apfl"
 
-    def init_client(self, client_id: int, seed: int) -> State:
+    def init_client(self, seed: int, initial: Payload) -> State:
         alpha = torch.tensor(self.config.baselines.apfl_alpha)
-        return super().init_client(client_id, seed) | {"alpha": alpha}
+        return super().init_client(seed, initial) | {"alpha": alpha}
 
     def _load(self, payload: Payload, state: State) -> None:
         super()._load(payload, state)
@@ -49,10 +49,10 @@ class APFL(GlobalAndPersonal):
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         alpha = self.alpha.clone().requires_grad_()
         lr = self.config.train.lr
-        step_global = self._step(self.optimizers["global"], self.modules.get_submodule("global"))
-        step_mixture = self._step(self.optimizers["personal"], lambda x: self._mixture(x, alpha))
+        step_global = self._step(["global"], self.modules.get_submodule("global"))
+        step_mixture = self._step(["personal"], lambda x: self._mixture(x, alpha))
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             step_global(x, y)
             alpha.grad = None
             out = step_mixture(x, y)

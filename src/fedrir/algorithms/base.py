@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,22 +98,17 @@ def evaluate_predictions(
     runtime: Runtime, data: ClientData, predict: Callable[[torch.Tensor], torch.Tensor]
 ) -> Evaluation:
     """Correct predictions and summed cross-entropy of ``predict`` (images → logits) on the
-    client's test set, in batches, without gradients; the caller sets the modules' mode."""
+    client's evaluation set, in batches, without gradients; the caller sets the modules' mode."""
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     loss_sum = torch.zeros((), device=runtime.device)
     with torch.no_grad(), runtime.autocast():
-        for start in range(0, data.num_test, EVAL_BATCH):
-            x = runtime.input(data.test_x[start : start + EVAL_BATCH])
-            y = data.test_y[start : start + EVAL_BATCH]
+        for start in range(0, data.num_eval, EVAL_BATCH):
+            x = runtime.input(data.eval_x[start : start + EVAL_BATCH])
+            y = data.eval_y[start : start + EVAL_BATCH]
             logits = predict(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
-    return Evaluation(int(correct.item()), data.num_test, float(loss_sum.item()))
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of integers (seed, round, client, purpose, …), order-sensitive."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint64)[0] >> 1)
+    return Evaluation(int(correct.item()), data.num_eval, float(loss_sum.item()))
 
 
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
@@ -140,79 +134,6 @@ def weighted_mean(updates: Sequence[tuple[Payload, float]]) -> Payload:
     return out
 
 
-def module_state(module: nn.Module, prefix: str = "", keys: Collection[str] | None = None) -> State:
-    """A detached copy of ``module``'s parameters and buffers (those named in ``keys``, if
-    given), keys prefixed."""
-    return {
-        f"{prefix}{k}": v.detach().clone(memory_format=torch.contiguous_format)
-        for k, v in module.state_dict().items()
-        if keys is None or k in keys
-    }
-
-
-def load_module_state(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str) -> None:
-    """Copy the ``prefix``-keyed entries of ``state`` into ``module`` (all must be there)."""
-    n = len(prefix)
-    module.load_state_dict(
-        {k[n:]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
-    )
-
-
-def optimizer_state(
-    opt: torch.optim.Optimizer, names: Mapping[nn.Parameter, str], prefix: str
-) -> State:
-    """An optimizer's per-parameter state (e.g. Adam's step and moments), keyed by name."""
-    out: State = {}
-    for param, entries in opt.state.items():
-        for key, value in entries.items():
-            out[f"{prefix}{names[param]}/{key}"] = (  # type: ignore[index]
-                value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
-            )
-    return out
-
-
-def load_optimizer_state(
-    opt: torch.optim.Optimizer,
-    params: Mapping[str, nn.Parameter],
-    state: Mapping[str, torch.Tensor],
-    prefix: str,
-) -> None:
-    """Restore what :func:`optimizer_state` saved; parameters with no saved state start fresh."""
-    opt.state.clear()
-    n = len(prefix)
-    for key, value in state.items():
-        if key.startswith(prefix):
-            name, entry = key[n:].rsplit("/", 1)
-            param = params[name]
-            # moments take the parameter's memory format (e.g. channels-last), scalars stay as is
-            like = torch.empty_like(param) if value.shape == param.shape else value
-            opt.state[param][entry] = like.copy_(value) if like is not value else value.clone()
-
-
-def make_optimizer(
-    config: Config, params: Iterator[nn.Parameter] | list[nn.Parameter]
-) -> torch.optim.Optimizer:
-    """The local optimizer every algorithm uses, as configured (Adam or plain SGD)."""
-    params = list(params)
-    if config.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.train.lr)
-    return torch.optim.SGD(params, lr=config.train.lr)
-
-
-def batches(n: int, batch_size: int, rng: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
-    """Shuffled index batches for one epoch (one permutation, sliced; no per-sample Python)."""
-    perm = torch.randperm(n, generator=rng, device=rng.device)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return list(perm[:stop].split(batch_size))
-
-
-def seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build modules whose random initialisation depends only on ``seed`` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 class Algorithm(ABC):
     """Base of every algorithm. Subclasses set ``name`` and implement the abstract methods."""
 
@@ -228,8 +149,9 @@ class Algorithm(ABC):
         """The server's initial payload (may be empty: nothing to broadcast yet)."""
 
     @abstractmethod
-    def init_client(self, client_id: int, seed: int) -> State:
-        """A client's initial private state."""
+    def init_client(self, seed: int, initial: Payload) -> State:
+        """A client's initial private state, from ``seed``; ``initial`` is the server's initial
+        payload, for private parts that start as a copy of it."""
 
     @abstractmethod
     def local_update(
@@ -242,10 +164,6 @@ class Algorithm(ABC):
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
     ) -> Evaluation:
         """Personalized evaluation on the client's local test set; must not change ``state``."""
-
-    def broadcast(self, server: Payload) -> Payload:
-        """What the server sends to clients; by default everything it holds."""
-        return server
 
     def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
         """Sample-weighted mean of the uploads (FedAvg); unchanged when nobody uploaded."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedrir.algorithms.supervised import GlobalAndPersonal, proximal_term
+from fedrir.algorithms.baseline import GlobalAndPersonal, cross_entropy, proximal_term
 from fedrir.data.types import ClientData
 
 
@@ -25,11 +25,9 @@ class Ditto(GlobalAndPersonal):
         anchors = [p.detach().clone() for p in w.parameters()]
         personal = list(v.parameters())
         lam, epochs = self.config.baselines.ditto_lambda, self.config.train.local_epochs
-        step = self._step(
-            self.optimizers["personal"], v, penalty=lambda: proximal_term(personal, anchors, lam)
-        )
-        metrics = self._fit(data, rng, epochs, step)
-        global_ = self._fit(data, rng, epochs, self._step(self.optimizers["global"], w))
+        penalty = cross_entropy(lambda: proximal_term(personal, anchors, lam))
+        metrics = self._fit(data, rng, epochs, self._step(["personal"], v, penalty))
+        global_ = self._fit(data, rng, epochs, self._step(["global"], w))
         return metrics | {f"global_{k}": value for k, value in global_.items()}
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ mean; clients are evaluated with the global model. Only the optimizer state stay
 
 from __future__ import annotations
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 
-class FedAvg(Supervised):
+class FedAvg(Baseline):
     """Everything shared, nothing personal."""
 
     name = "fedavg"

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 
-class FedBABU(Supervised):
+class FedBABU(Baseline):
     """Shared body trained under a fixed random head; fine-tuned before evaluation."""
 
     name = "fedbabu"

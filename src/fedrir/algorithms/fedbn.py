@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -20,7 +20,7 @@ def batchnorm_keys(module: nn.Module) -> frozenset[str]:
     return frozenset(k for k in module.state_dict() if k.startswith(layers))
 
 
-class FedBN(Supervised):
+class FedBN(Baseline):
     """The whole model shared but its BatchNorm layers."""
 
     name = "fedbn"

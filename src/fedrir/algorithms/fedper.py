@@ -7,10 +7,10 @@ linear head is personal. Body and head are trained together with one optimizer.
 
 from __future__ import annotations
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 
-class FedPer(Supervised):
+class FedPer(Baseline):
     """Shared body, personal head, trained jointly."""
 
     name = "fedper"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fedrir.algorithms.baseline import cross_entropy, proximal_term
 from fedrir.algorithms.fedavg import FedAvg
-from fedrir.algorithms.supervised import proximal_term
 from fedrir.data.types import ClientData
 
 
@@ -25,8 +25,6 @@ class FedProx(FedAvg):
         anchors = [p.detach().clone() for p in params]  # the global model just loaded
         mu = self.config.baselines.prox_mu
         step = self._step(
-            self.optimizers["local"],
-            self.modules,
-            penalty=lambda: proximal_term(params, anchors, mu),
+            ["local"], objective=cross_entropy(lambda: proximal_term(params, anchors, mu))
         )
         return self._fit(data, rng, self.config.train.local_epochs, step)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 from fedrir.data.types import ClientData
 
 
-class FedRep(Supervised):
+class FedRep(Baseline):
     """Shared body, personal head, trained alternately."""
 
     name = "fedrep"
@@ -32,8 +32,8 @@ class FedRep(Supervised):
                 features = body(x)
             return head(features)
 
-        head_step = self._step(self.optimizers["head"], frozen_body)
+        head_step = self._step(["head"], frozen_body)
         self._fit(data, rng, self.config.baselines.head_epochs, head_step)
         # the head gets gradients here, but only the body's optimizer steps: the head is frozen
-        body_step = self._step(self.optimizers["body"], self.modules)
+        body_step = self._step(["body"])
         return self._fit(data, rng, self.config.train.local_epochs, body_step)

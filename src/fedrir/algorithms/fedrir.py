@@ -35,15 +35,9 @@ from fedrir.algorithms.base import (
     State,
     Task,
     Update,
-    batches,
     evaluate_predictions,
-    load_module_state,
-    load_optimizer_state,
-    make_optimizer,
-    module_state,
-    optimizer_state,
-    seeded_init,
 )
+from fedrir.algorithms.workspace import Step, Workspace, fit, module_state, seeded_init
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
@@ -101,19 +95,15 @@ class FedRIR(Algorithm):
                 f"{h}×{w} images; pick a divisor such as 4"
             )
         self.dim = config.train.embed_dim
-        self.modules = runtime.prepare(self._build())
-        self.names = {p: n for n, p in self.modules.named_parameters()}
-        self.params = dict(self.modules.named_parameters())
-        m = self.modules
-        self.opt_mcsl = (
-            make_optimizer(config, [*m["csfe"].parameters(), *m["gen"].parameters()])
-            if opts.mcsl
-            else None
-        )
-        stage2 = [*m["gfe"].parameters(), *m["head"].parameters()]
+        self.modules = m = runtime.prepare(self._build())
+        groups = {"cls": [*m["gfe"].parameters(), *m["head"].parameters()]}
         if opts.idm != "none":
-            stage2 += list(m["idm"].parameters())
-        self.opt_cls = make_optimizer(config, stage2)
+            groups["cls"] += m["idm"].parameters()
+        if opts.mcsl:
+            groups = {"mcsl": [*m["csfe"].parameters(), *m["gen"].parameters()]} | groups
+        self.workspace = Workspace(config, m, groups)
+        self.shared_keys = frozenset(f"{SHARED}.{k}" for k, _ in m[SHARED].named_parameters())
+        """Only the GFE's parameters travel: its BatchNorm statistics stay on the client."""
 
     def _build(self) -> nn.ModuleDict:
         shape, d, opts = self.task.input_shape, self.dim, self.config.fedrir
@@ -126,45 +116,47 @@ class FedRIR(Algorithm):
         modules["head"] = nn.Linear(2 * d if opts.mcsl else d, self.task.num_classes)
         return nn.ModuleDict(modules)
 
-    # --- state in and out of the workspace -------------------------------------------------
-
-    def _load(self, payload: Payload, state: State) -> None:
-        load_module_state(self.modules, state, "model/")
-        if payload:
-            with torch.no_grad():
-                for k, v in payload.items():
-                    self.params[k].copy_(v)
-        if self.opt_mcsl is not None:
-            load_optimizer_state(self.opt_mcsl, self.params, state, "opt_mcsl/")
-        load_optimizer_state(self.opt_cls, self.params, state, "opt_cls/")
-
-    def _save(self) -> State:
-        state = module_state(self.modules, "model/")
-        if self.opt_mcsl is not None:
-            state |= optimizer_state(self.opt_mcsl, self.names, "opt_mcsl/")
-        return state | optimizer_state(self.opt_cls, self.names, "opt_cls/")
-
-    def _shared(self) -> Payload:
-        return {
-            f"{SHARED}.{k}": v.detach().clone(memory_format=torch.contiguous_format)
-            for k, v in self.modules[SHARED].named_parameters()
-        }
-
     # --- the contract ----------------------------------------------------------------------
 
     def init_server(self, seed: int) -> Payload:
         if not self.config.fedrir.common_init:
             return {}  # the reference: every client starts from its own random GFE
         gfe = seeded_init(seed, lambda: Encoder(self.task.input_shape, self.dim))
-        return {f"{SHARED}.{k}": v.detach().clone() for k, v in gfe.named_parameters()}
+        return module_state(gfe, f"{SHARED}.", {k for k, _ in gfe.named_parameters()})
 
-    def init_client(self, client_id: int, seed: int) -> State:
-        return module_state(seeded_init(seed, self._build), "model/")
+    def init_client(self, seed: int, initial: Payload) -> State:
+        """Every module from ``seed``, but what the broadcast overwrites (the common GFE)."""
+        modules = seeded_init(seed, self._build)
+        return module_state(modules, "model/", set(modules.state_dict()) - set(initial))
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.modules.parameters())
         shared = sum(p.numel() for p in self.modules[SHARED].parameters())
         return {"shared": shared, "private": total - shared}
+
+    def local_update(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
+    ) -> Update:
+        self.workspace.load(payload, state)
+        self.modules.train()
+        epochs, batch = self.config.train.local_epochs, self.config.train.batch_size
+        metrics = (
+            fit(self.runtime, data, rng, epochs, batch, self.mcsl_step(rng))
+            if self.config.fedrir.mcsl
+            else {}
+        )
+        metrics |= fit(self.runtime, data, rng, epochs, batch, self.classifier_step())
+        upload = module_state(self.modules, keys=self.shared_keys)
+        return Update(upload, data.num_train, self.workspace.save(self.shared_keys), metrics)
+
+    def evaluate(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
+    ) -> Evaluation:
+        self.workspace.load(payload, state)
+        self.modules.eval()
+        return evaluate_predictions(self.runtime, data, self.predict)
+
+    # --- the two stages, and prediction ----------------------------------------------------
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """f_cs: the CSFE's mean for the unmasked images (no gradient)."""
@@ -174,32 +166,16 @@ class FedRIR(Algorithm):
     def _logits(self, f_g: torch.Tensor, f_cs: torch.Tensor | None) -> torch.Tensor:
         return self.modules["head"](f_g if f_cs is None else torch.cat([f_g, f_cs], dim=1))
 
-    def local_update(
-        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
-    ) -> Update:
-        self._load(payload, state)
-        self.modules.train()
-        metrics = self._train_mcsl(data, rng) if self.opt_mcsl is not None else {}
-        metrics |= self._train_classifier(data, rng)
-        return Update(self._shared(), data.num_train, self._save(), metrics)
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the workspace's modules (in whatever mode they are)."""
+        f_cs = self._features(x) if self.config.fedrir.mcsl else None
+        return self._logits(self.modules[SHARED](x).float(), f_cs)
 
-    def _batches(self, data: ClientData, rng: torch.Generator) -> list[torch.Tensor]:
-        cfg = self.config.train
-        return [
-            idx
-            for _ in range(cfg.local_epochs)
-            for idx in batches(data.num_train, cfg.batch_size, rng, drop_last=True)
-        ]
-
-    def _train_mcsl(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
+    def mcsl_step(self, rng: torch.Generator) -> Step:
         """Stage 1: masked reconstruction + KL; updates CSFE and generator only."""
-        assert self.opt_mcsl is not None
-        opts, m = self.config.fedrir, self.modules
-        recon_sum = torch.zeros((), device=self.runtime.device)
-        kl_sum = torch.zeros((), device=self.runtime.device)
-        steps = 0
-        for idx in self._batches(data, rng):
-            x = self.runtime.input(data.train_x[idx])
+        opts, m, opt = self.config.fedrir, self.modules, self.workspace.optimizers["mcsl"]
+
+        def step(x: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
             masked = mask_patches(x, opts.mask_ratio, opts.patch_size, rng)
             with self.runtime.autocast():
                 mean, logvar = m["csfe"](masked).float().chunk(2, dim=1)
@@ -208,13 +184,12 @@ class FedRIR(Algorithm):
                 recon = F.mse_loss(m["gen"](z).float(), x)
             kl = (-0.5 * (1 + logvar - mean**2 - logvar.exp())).sum(dim=1).mean()
             loss = recon + opts.kl_weight * kl
-            self.opt_mcsl.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt_mcsl.step()
-            recon_sum += recon.detach()
-            kl_sum += kl.detach()
-            steps += 1
-        return {"recon_loss": recon_sum.item() / steps, "kl": kl_sum.item() / steps}
+            opt.step()
+            return {"recon_loss": recon.detach(), "kl": kl.detach()}
+
+        return step
 
     def _idm_loss(self, f_g: torch.Tensor, f_cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fit, term): q's own fitting loss (IDM only; zero for ``nll``) and the IDM term of the
@@ -236,52 +211,31 @@ class FedRIR(Algorithm):
         bound = weight * club_bound(mu.float(), logvar.float(), f_cs)
         return fit, bound
 
-    def _train_classifier(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
+    def classifier_step(self) -> Step:
         """Stage 2: CE + λ·IDM with the CSFE frozen; updates GFE, IDM and head."""
-        opts, m = self.config.fedrir, self.modules
-        dev = self.runtime.device
-        ce_sum, idm_sum, fit_sum = (torch.zeros((), device=dev) for _ in range(3))
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        seen = steps = 0
-        for idx in self._batches(data, rng):
-            x, y = self.runtime.input(data.train_x[idx]), data.train_y[idx]
+        opts, m, opt = self.config.fedrir, self.modules, self.workspace.optimizers["cls"]
+        zero = torch.zeros((), device=self.runtime.device)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.runtime.autocast():
                 f_cs = self._features(x) if opts.mcsl else None
                 f_g = m[SHARED](x)
                 logits = self._logits(f_g, f_cs).float()
                 ce = F.cross_entropy(logits, y)
-                loss, idm = ce, torch.zeros((), device=dev)
+                loss, idm, fit = ce, zero, zero
                 if opts.idm != "none" and f_cs is not None:
                     fit, idm = self._idm_loss(f_g.float(), f_cs)
                     loss = ce + fit + idm
-                    fit_sum += fit.detach()
-            self.opt_cls.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt_cls.step()
-            ce_sum += ce.detach()
-            idm_sum += idm.detach()
-            correct += (logits.argmax(dim=1) == y).sum()
-            seen += len(y)
-            steps += 1
-        metrics = {
-            "train_loss": ce_sum.item() / steps,
-            "idm_loss": idm_sum.item() / steps,
-            "train_accuracy": correct.item() / seen,
-        }
-        if opts.idm == "club":
-            metrics["idm_fit"] = fit_sum.item() / steps  # q's NLL, which only the IDM minimises
-        return metrics
+            opt.step()
+            numbers = {
+                "train_loss": ce.detach(),
+                "idm_loss": idm.detach(),
+                "correct": (logits.argmax(dim=1) == y).sum(),
+            }
+            if opts.idm == "club":
+                numbers["idm_fit"] = fit.detach()  # q's NLL, which only the IDM minimises
+            return numbers
 
-    def evaluate(
-        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
-    ) -> Evaluation:
-        self._load(payload, state)
-        self.modules.eval()
-        mcsl = self.config.fedrir.mcsl
-        return evaluate_predictions(
-            self.runtime,
-            data,
-            lambda x: self._logits(
-                self.modules[SHARED](x).float(), self._features(x) if mcsl else None
-            ),
-        )
+        return step

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedrir.algorithms.supervised import Classifier, Supervised
+from fedrir.algorithms.baseline import Baseline, Classifier
 from fedrir.data.types import ClientData
 
 
@@ -28,7 +28,7 @@ def balanced_softmax_loss(
     return F.cross_entropy(logits + class_counts.to(logits.dtype).log(), labels)
 
 
-class FedRoD(Supervised):
+class FedRoD(Baseline):
     """Generic model (balanced softmax, shared) plus a personal head (CE, private)."""
 
     name = "fedrod"
@@ -49,21 +49,21 @@ class FedRoD(Supervised):
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         model, personal = self._parts()
         counts = torch.bincount(data.train_y, minlength=self.task.num_classes)
-        opt_global, opt_personal = self.optimizers["global"], self.optimizers["personal_head"]
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with self.runtime.autocast():
-                features = model.body(x)
-                generic = model.head(features).float()
-                logits = generic.detach() + personal(features.detach()).float()
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = model.body(x)
+            generic = model.head(features).float()
+            return generic, generic.detach() + personal(features.detach()).float()
+
+        def objective(
+            out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            generic, logits = out
             loss = F.cross_entropy(logits, y)
-            self.modules.zero_grad(set_to_none=True)
             # the two losses share no parameters: one backward gives each its own gradients
-            (balanced_softmax_loss(generic, y, counts) + loss).backward()
-            opt_global.step()
-            opt_personal.step()
-            return loss.detach(), logits.detach()
+            return loss, balanced_softmax_loss(generic, y, counts) + loss, logits
 
+        step = self._step(["global", "personal_head"], forward, objective)
         return self._fit(data, rng, self.config.train.local_epochs, step)
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ with its BatchNorm layers) stays on the client. Trained jointly with one optimiz
 
 from __future__ import annotations
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 
-class LGFedAvg(Supervised):
+class LGFedAvg(Baseline):
     """Personal body, shared head."""
 
     name = "lgfedavg"

@@ -6,10 +6,10 @@ Uploads and broadcasts are empty; the whole model and its optimizer state stay o
 
 from __future__ import annotations
 
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.baseline import Baseline
 
 
-class Local(Supervised):
+class Local(Baseline):
     """No communication; each client's model is initialised from its own seed."""
 
     name = "local"

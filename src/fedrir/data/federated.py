@@ -249,8 +249,8 @@ def federate(dataset: Dataset, partition: Partition) -> FederatedData:
             ClientData(
                 train_x=_normalise(dataset.images[train]),
                 train_y=dataset.labels[train].contiguous(),
-                test_x=_normalise(dataset.images[held]),
-                test_y=dataset.labels[held].contiguous(),
+                eval_x=_normalise(dataset.images[held]),
+                eval_y=dataset.labels[held].contiguous(),
             )
         )
     return FederatedData(tuple(clients), dataset.num_classes, dataset.input_shape)

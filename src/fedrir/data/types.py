@@ -43,25 +43,26 @@ class Dataset:
 class ClientData:
     """One client's local data: normalised float32 images ``[n, C, H, W]`` and int64 labels.
 
-    ``test_*`` is the client's local test set, or its validation set when the run asked for one.
+    ``eval_*`` is what the client is evaluated on: its local test set, or, when the run asked for
+    one (``val_ratio`` > 0), a validation set carved from its training data.
     """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
 
     @property
     def num_train(self) -> int:
         return len(self.train_y)
 
     @property
-    def num_test(self) -> int:
-        return len(self.test_y)
+    def num_eval(self) -> int:
+        return len(self.eval_y)
 
     def to(self, device: torch.device) -> ClientData:
         return ClientData(
-            *(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y))
+            *(t.to(device) for t in (self.train_x, self.train_y, self.eval_x, self.eval_y))
         )
 
 

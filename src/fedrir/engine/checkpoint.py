@@ -20,12 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedrir.algorithms.base import Payload, State
+from fedrir.engine.ledger import COUNTERS
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write
 
 MANIFEST = "manifest.json"
-COUNTERS = ("bytes_up", "bytes_down", "seconds")
-"""The running totals a snapshot carries besides the history."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""What a round is, independent of the transport: who takes part, with which random streams.
+"""What a round is, independent of the transport: who takes part, with which random streams,
+and what a client starts from.
 
-Both engines (in-process and Flower) draw participants and per-client generators from here, so
-the same seed gives the same run on either.
+Both engines (in-process and Flower) plan rounds and build initial states here, so the same seed
+gives the same run on either.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedrir.algorithms.base import derive_seed
+from fedrir import streams
+from fedrir.algorithms.base import Algorithm, Payload, State
 from fedrir.config import Config
-
-# purposes of derived random streams: (seed, round, [client,] purpose)
-SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT = range(5)
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class RoundPlan:
 
 def plan_round(config: Config, round_: int, num_clients: int) -> RoundPlan:
     """int(N · join_ratio) clients (at least 1), or a random count up to N with ``random_join``."""
-    rng = np.random.default_rng(derive_seed(config.seed, round_, SELECT))
+    rng = np.random.default_rng(streams.select_seed(config.seed, round_))
     base = max(1, int(num_clients * config.join_ratio))
     count = int(rng.integers(base, num_clients + 1)) if config.random_join else base
     selected = tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
@@ -39,21 +38,16 @@ def plan_round(config: Config, round_: int, num_clients: int) -> RoundPlan:
     return RoundPlan(selected, frozenset(c for c, f in zip(selected, fails, strict=True) if f))
 
 
-def train_seed(config: Config, round_: int, client: int) -> int:
-    return derive_seed(config.seed, round_, client, TRAIN)
-
-
-def eval_seed(config: Config, round_: int, client: int) -> int:
-    return derive_seed(config.seed, round_, client, EVAL)
-
-
-def server_seed(config: Config) -> int:
-    return derive_seed(config.seed, 0, INIT_SERVER)
-
-
-def client_seed(config: Config, client: int) -> int:
-    return derive_seed(config.seed, 0, client, INIT_CLIENT)
-
-
 def is_eval_round(config: Config, round_: int) -> bool:
     return round_ % config.eval_every == 0 or round_ == config.rounds
+
+
+def initial_server(algorithm: Algorithm) -> Payload:
+    """The server's payload before round 1."""
+    return algorithm.init_server(streams.server_seed(algorithm.config.seed))
+
+
+def initial_client(algorithm: Algorithm, client: int) -> State:
+    """``client``'s private state before it first takes part: a function of the seed alone."""
+    seed = streams.client_seed(algorithm.config.seed, client)
+    return algorithm.init_client(seed, initial_server(algorithm))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,8 +24,6 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_runtime(config: Config) -> Runtime:
     """Device ``auto`` takes CUDA when present; precision ``auto`` takes bf16 where it is native."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -38,3 +38,17 @@ def resolve_runtime(config: Config) -> Runtime:
     else:
         dtype = torch.bfloat16 if config.precision == "bf16" else None
     return Runtime(device=device, autocast_dtype=dtype, channels_last=config.channels_last)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``threads`` (0: left as it is) for a run, and
+    restored after: a library call does not change the rest of the caller's process."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)

@@ -35,33 +35,25 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedrir import runs, streams
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, State, Task
-from fedrir.api import (
-    CONFIG,
-    METRICS,
-    RunResult,
-    default_out_dir,
-    finish_run,
-    new_out_dir,
-    prepare,
-)
-from fedrir.config import KEYS, Config, config_to_toml, flat_value, with_overrides
+from fedrir.config import KEYS, Config, flat_value, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.runtime import resolve_runtime
+from fedrir.engine.runtime import resolve_runtime, torch_threads
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.flower.records import from_record, to_record
-from fedrir.flower.strategy import CONFIG as CONFIG_RECORD
-from fedrir.flower.strategy import METRICS as METRICS_RECORD
-from fedrir.flower.strategy import NUM_EXAMPLES, PAYLOAD, FedrirStrategy, error_reason
-from fedrir.results import (
-    RoundRecord,
-    append_metrics,
-    atomic_write,
-    make_out_dir,
-    write_metrics,
+from fedrir.flower.strategy import (
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    PAYLOAD_RECORD,
+    FedrirStrategy,
+    error_reason,
 )
+from fedrir.results import RoundRecord
+from fedrir.runs import RunResult
 
 APP_SETTINGS: dict[str, UserConfigValue] = {"out-dir": "", "timeout": 600.0}
 """Run-config keys of the app, not of the fedrir config: where the ServerApp writes its files
@@ -106,7 +98,7 @@ def config_from_context(context: Context) -> Config:
 def _prepared(config: Config) -> tuple[Algorithm, FederatedData]:
     """One workspace and one copy of the data per process: a simulation worker serves many
     nodes, one message after another."""
-    return prepare(config)
+    return runs.prepare(config)
 
 
 def _partition(context: Context) -> int:
@@ -131,11 +123,11 @@ def _client(context: Context, load: ConfigSource) -> tuple[Config, Algorithm, Cl
     return config, algorithm, data.clients[partition], partition
 
 
-def _state(context: Context, config: Config, algorithm: Algorithm, partition: int) -> State:
+def _state(context: Context, algorithm: Algorithm, partition: int) -> State:
     """The client's private state: kept in ``context.state``, or its seeded initial state."""
     if STATE in context.state.array_records:
         return from_record(context.state.array_records[STATE], algorithm.runtime.device)
-    return algorithm.init_client(partition, rounds.client_seed(config, partition))
+    return rounds.initial_client(algorithm, partition)
 
 
 def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
@@ -158,19 +150,30 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         config, algorithm, data, partition = _client(context, load)
+        with torch_threads(config.threads):
+            return _train(message, context, config, algorithm, data, partition)
+
+    def _train(
+        message: Message,
+        context: Context,
+        config: Config,
+        algorithm: Algorithm,
+        data: ClientData,
+        partition: int,
+    ) -> Message:
         round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
         if partition in rounds.plan_round(config, round_, config.data.clients).dropped:
             reason = f"client {partition} drops out of round {round_} (dropout={config.dropout})"
             return Message(Error(DROPPED_OUT, reason), reply_to=message)
-        payload = from_record(message.content.array_records[PAYLOAD], algorithm.runtime.device)
-        rng = algorithm.runtime.generator(rounds.train_seed(config, round_, partition))
-        update = algorithm.local_update(
-            payload, _state(context, config, algorithm, partition), data, rng
+        payload = from_record(
+            message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
         )
+        rng = algorithm.runtime.generator(streams.train_seed(config.seed, round_, partition))
+        update = algorithm.local_update(payload, _state(context, algorithm, partition), data, rng)
         context.state[STATE] = to_record(update.state)
         metrics = MetricRecord({NUM_EXAMPLES: update.num_examples, **update.metrics})
         return Message(
-            RecordDict({PAYLOAD: to_record(update.payload), METRICS_RECORD: metrics}),
+            RecordDict({PAYLOAD_RECORD: to_record(update.payload), METRICS_RECORD: metrics}),
             reply_to=message,
         )
 
@@ -178,9 +181,13 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         config, algorithm, data, partition = _client(context, load)
         round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
-        payload = from_record(message.content.array_records[PAYLOAD], algorithm.runtime.device)
-        rng = algorithm.runtime.generator(rounds.eval_seed(config, round_, partition))
-        ev = algorithm.evaluate(payload, _state(context, config, algorithm, partition), data, rng)
+        payload = from_record(
+            message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
+        )
+        rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
+        with torch_threads(config.threads):
+            state = _state(context, algorithm, partition)
+            ev = algorithm.evaluate(payload, state, data, rng)
         metrics = MetricRecord({"correct": ev.correct, "total": ev.total, "loss-sum": ev.loss_sum})
         return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
 
@@ -257,40 +264,32 @@ def serve(
     """The whole run on the server side: connect, run the rounds, write the result files."""
     wall = time.perf_counter()
     if out is not None:
-        new_out_dir(config, out)  # refuse before waiting for the clients
+        runs.new_out_dir(config, out)  # refuse before waiting for the clients
     nodes, task = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
     if out is not None:
-        make_out_dir(out)
-        atomic_write(out / CONFIG, config_to_toml(config))
-        write_metrics(out / METRICS, [])
+        runs.start_files(out, config, [])
         log(INFO, "fedrir: writing results to %s", out)
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
         if record is not None and out is not None:
-            append_metrics(out / METRICS, record)
+            runs.record_round(out, record)
         if on_round is not None:
             on_round(record, round_)
 
     strategy = FedrirStrategy(algorithm, nodes, after_round)
     strategy.start(
         grid,
-        to_record(algorithm.init_server(rounds.server_seed(config))),
+        to_record(rounds.initial_server(algorithm)),
         num_rounds=config.rounds,
         timeout=timeout,
     )
-    return finish_run(
-        algorithm,
-        strategy.history,
-        out,
-        wall,
-        {"engine": "flower", "bytes_evaluation_downloaded": strategy.bytes_eval_down},
-    )
+    return runs.finish_run(algorithm, strategy.ledger, out, wall, "flower")
 
 
 def _out_dir(run_config: Mapping[str, UserConfigValue], config: Config) -> Path:
     chosen = str(run_config.get("out-dir", APP_SETTINGS["out-dir"]))
-    return (Path(chosen) if chosen else default_out_dir(config)).resolve()
+    return (Path(chosen) if chosen else runs.default_out_dir(config)).resolve()
 
 
 server_app = ServerApp()
@@ -299,7 +298,8 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     config = config_from_context(context)
-    serve(grid, config, _out_dir(context.run_config, config), run_timeout(context.run_config))
+    with torch_threads(config.threads):
+        serve(grid, config, _out_dir(context.run_config, config), run_timeout(context.run_config))
 
 
 def run_timeout(run_config: Mapping[str, UserConfigValue]) -> float:

@@ -18,11 +18,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrir.api import Progress, RunResult, prepare
+from fedrir import runs
 from fedrir.config import Config
 from fedrir.errors import FedrirError
 from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
+from fedrir.progress import Progress
 from fedrir.results import RoundRecord
+from fedrir.runs import RunResult
 
 RAY_CPUS = 2
 """CPUs Ray may use in all; each ClientApp takes one."""
@@ -61,10 +63,12 @@ def run_flower(
 ) -> RunResult:
     """Run ``config`` on Flower's simulation engine with one SuperNode per client;
     ``on_round(record, round)`` after each round, as ``fedrir.run`` has it."""
-    import ray
+    import ray  # here, not at the top: importing Ray takes seconds that other commands don't need
     from flwr.simulation import run_simulation
 
-    prepare(config)  # bad names, missing data, impossible partitions: one line, before Ray starts
+    runs.prepare(
+        config
+    )  # bad names, missing data, impossible partitions: one line, before Ray starts
     results: list[RunResult] = []
     errors: list[FedrirError] = []
     bar = Progress(config, 0, progress, out)

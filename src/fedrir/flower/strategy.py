@@ -3,9 +3,10 @@
 Flower's ``Strategy.start`` runs the round loop (configure → send and receive → aggregate, for
 training and then for evaluation); this class only translates between that loop and the algorithm
 contract. Who trains follows :func:`fedrir.engine.rounds.plan_round` (partition ids mapped to node
-ids), the server side is ``algorithm.broadcast`` / ``aggregate``, and on evaluation rounds every
-client is evaluated and the counts pooled, exactly as the in-process engine does. Updates are
-aggregated in partition order so that the floating-point sums match that engine too.
+ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every client is
+evaluated; the round is closed by the same :class:`~fedrir.engine.ledger.Ledger` as in the
+in-process engine. Updates are aggregated in partition order so that the floating-point sums match
+that engine too.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrir.algorithms.base import Algorithm, Evaluation, Payload
+from fedrir.algorithms.base import Algorithm, Evaluation, Payload, payload_bytes
 from fedrir.engine import rounds
+from fedrir.engine.ledger import Ledger, Traffic
 from fedrir.errors import FedrirError
 from fedrir.flower.records import from_record, message_bytes, to_record
-from fedrir.results import RoundRecord, pooled, weighted_metrics
+from fedrir.results import RoundRecord
 
-# record names inside message contents, shared with the ClientApp
-PAYLOAD, CONFIG, METRICS = "payload", "config", "metrics"
+# names of the records inside message contents, shared with the ClientApp
+PAYLOAD_RECORD, CONFIG_RECORD, METRICS_RECORD = "payload", "config", "metrics"
 NUM_EXAMPLES = "num-examples"
 
 
@@ -40,9 +42,10 @@ class _Round:
     server: Payload
     selected: int
     bytes_down: int
-    participants: int = 0
-    bytes_up: int = 0
-    train: dict[str, float] = field(default_factory=dict)
+    message_bytes_down: int
+    traffic: Traffic = field(default_factory=Traffic)
+    trained: list[tuple[dict[str, float], int]] = field(default_factory=list)
+    evaluation_download: int = 0
 
 
 def error_reason(reply: Message) -> str:
@@ -62,7 +65,8 @@ def error_reason(reply: Message) -> str:
 
 
 class FedrirStrategy(Strategy):
-    """Flower's round loop around a fedrir algorithm; ``history`` holds the evaluated rounds."""
+    """Flower's round loop around a fedrir algorithm; ``ledger`` holds the run's totals and its
+    evaluated rounds."""
 
     def __init__(
         self,
@@ -76,9 +80,7 @@ class FedrirStrategy(Strategy):
         self.nodes = dict(nodes)
         self.partition = {node: p for p, node in self.nodes.items()}
         self.on_round = on_round
-        self.history: list[RoundRecord] = []
-        self.bytes_up = self.bytes_down = self.bytes_eval_down = 0
-        self.elapsed = 0.0
+        self.ledger = Ledger()
         self._round: _Round | None = None
 
     @property
@@ -117,19 +119,20 @@ class FedrirStrategy(Strategy):
                 answers.append((self.partition[reply.metadata.src_node_id], reply))
         return sorted(answers, key=lambda a: a[0])
 
-    def _content(self, arrays: ArrayRecord, round_: int) -> tuple[Payload, RecordDict]:
-        server = from_record(arrays, self.algorithm.runtime.device)
-        down = to_record(self.algorithm.broadcast(server))
-        return server, RecordDict({PAYLOAD: down, CONFIG: ConfigRecord({"round": round_})})
+    @staticmethod
+    def _content(arrays: ArrayRecord, round_: int) -> RecordDict:
+        return RecordDict({PAYLOAD_RECORD: arrays, CONFIG_RECORD: ConfigRecord({"round": round_})})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         start = time.perf_counter()
         plan = rounds.plan_round(self.config, server_round, len(self.nodes))
-        server, content = self._content(arrays, server_round)
+        server = from_record(arrays, self.algorithm.runtime.device)
+        content = self._content(arrays, server_round)
         messages = self._messages(grid, plan.selected, content, MessageType.TRAIN, server_round)
-        self._round = _Round(start, server, len(plan.selected), message_bytes(messages))
+        down = payload_bytes(server) * len(messages)
+        self._round = _Round(start, server, len(plan.selected), down, message_bytes(messages))
         return messages
 
     def aggregate_train(
@@ -138,27 +141,32 @@ class FedrirStrategy(Strategy):
         cur = self.current
         device = self.algorithm.runtime.device
         answers = [m for _, m in self._answers(replies, server_round)]
-        updates, metrics = [], []
+        updates = []
         for m in answers:
-            numbers = m.content.metric_records[METRICS]
+            numbers = m.content.metric_records[METRICS_RECORD]
             n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
-            updates.append((from_record(m.content.array_records[PAYLOAD], device), n))
-            metrics.append(({k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}, n))  # type: ignore[arg-type]
+            updates.append((from_record(m.content.array_records[PAYLOAD_RECORD], device), n))
+            cur.trained.append(
+                ({k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}, n)  # type: ignore[arg-type]
+            )
         cur.server = self.algorithm.aggregate(cur.server, updates)
-        cur.participants = len(answers)
-        cur.bytes_up = message_bytes(answers)
-        cur.train = weighted_metrics(metrics)
-        return to_record(cur.server), MetricRecord(cur.train)  # type: ignore[arg-type]
+        cur.traffic = Traffic(
+            bytes_up=sum(payload_bytes(p) for p, _ in updates),
+            bytes_down=cur.bytes_down,
+            message_bytes_up=message_bytes(answers),
+            message_bytes_down=cur.message_bytes_down,
+        )
+        return to_record(cur.server), None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if not rounds.is_eval_round(self.config, server_round):
             return []
-        _, content = self._content(arrays, server_round)
+        content = self._content(arrays, server_round)
         kind = MessageType.EVALUATE
         messages = self._messages(grid, sorted(self.nodes), content, kind, server_round)
-        self.bytes_eval_down += message_bytes(messages)
+        self.current.evaluation_download = payload_bytes(self.current.server) * len(messages)
         return messages
 
     def aggregate_evaluate(
@@ -166,36 +174,27 @@ class FedrirStrategy(Strategy):
     ) -> MetricRecord | None:
         """Closes the round (Flower calls it every round): counters, and the record if evaluated."""
         cur = self.current
-        evals = [
-            Evaluation(
-                correct=int(m.content.metric_records[METRICS]["correct"]),  # type: ignore[arg-type]
-                total=int(m.content.metric_records[METRICS]["total"]),  # type: ignore[arg-type]
-                loss_sum=float(m.content.metric_records[METRICS]["loss-sum"]),  # type: ignore[arg-type]
-            )
-            for _, m in self._answers(replies, server_round)
-        ]
-        seconds = time.perf_counter() - cur.start
-        self.elapsed += seconds
-        self.bytes_up += cur.bytes_up
-        self.bytes_down += cur.bytes_down
-        record = None
+        evaluations = None
         if rounds.is_eval_round(self.config, server_round):
-            if not evals:
+            evaluations = [
+                Evaluation(
+                    correct=int(m.content.metric_records[METRICS_RECORD]["correct"]),  # type: ignore[arg-type]
+                    total=int(m.content.metric_records[METRICS_RECORD]["total"]),  # type: ignore[arg-type]
+                    loss_sum=float(m.content.metric_records[METRICS_RECORD]["loss-sum"]),  # type: ignore[arg-type]
+                )
+                for _, m in self._answers(replies, server_round)
+            ]
+            if not evaluations:
                 raise FedrirError(f"round {server_round}: no client answered the evaluation")
-            record = RoundRecord(
-                round=server_round,
-                participants=cur.participants,
-                selected=cur.selected,
-                bytes_up=cur.bytes_up,
-                bytes_down=cur.bytes_down,
-                bytes_up_total=self.bytes_up,
-                bytes_down_total=self.bytes_down,
-                seconds=seconds,
-                elapsed=self.elapsed,
-                train=cur.train,
-                **pooled(evals),
-            )
-            self.history.append(record)
+        record = self.ledger.close(
+            server_round,
+            selected=cur.selected,
+            trained=cur.trained,
+            traffic=cur.traffic,
+            seconds=time.perf_counter() - cur.start,
+            evaluations=evaluations,
+            evaluation_download=cur.evaluation_download,
+        )
         if self.on_round is not None:
             self.on_round(record, server_round)
         if record is None:

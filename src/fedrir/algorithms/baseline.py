@@ -1,4 +1,4 @@
-"""What the supervised baselines share: the model, the workspace, and the train and test loops.
+"""What the baselines share: the model, the workspace, and the training and test loops.
 
 Every baseline trains FedRIR's GFE architecture (:class:`~fedrir.models.cnn.Encoder`) followed by a
 linear head, so that the comparison with FedRIR is about the algorithm, not the network. The
@@ -11,14 +11,14 @@ baselines differ only in
   client across rounds, as in FedRIR);
 - the local training (``_local_train``) and the prediction (``_predict``).
 
-Client state: ``model/<key>`` for every workspace key the server does not hold (the personal part)
-and ``opt_<group>/<param>/<entry>`` for the optimizer states.
+Client state (see :mod:`~fedrir.algorithms.workspace`): every workspace entry the server does not
+hold, and the optimizers' states.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,23 +32,23 @@ from fedrir.algorithms.base import (
     State,
     Task,
     Update,
-    batches,
     evaluate_predictions,
-    load_module_state,
-    load_optimizer_state,
+    weighted_mean,
+)
+from fedrir.algorithms.workspace import (
+    Step,
+    Workspace,
+    fit,
     make_optimizer,
     module_state,
-    optimizer_state,
     seeded_init,
-    weighted_mean,
 )
 from fedrir.config import Config
 from fedrir.data.types import ClientData
-from fedrir.engine import rounds
 from fedrir.models.cnn import Encoder, InputShape
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""One optimisation step on a batch ``(x, y)``; returns the (detached) loss and logits."""
+Objective = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(output of the forward pass, labels) → (reported loss, loss to minimise, float logits)."""
 
 
 class Classifier(nn.Module):
@@ -71,7 +71,20 @@ def proximal_term(
     return weight / 2 * torch.stack(squares).sum()
 
 
-class Supervised(Algorithm):
+def cross_entropy(penalty: Callable[[], torch.Tensor] | None = None) -> Objective:
+    """The usual objective: CE of the logits (plus ``penalty()``, not reported as the loss)."""
+
+    def objective(
+        out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = out.float()
+        loss = F.cross_entropy(logits, y)
+        return loss, loss if penalty is None else loss + penalty(), logits
+
+    return objective
+
+
+class Baseline(Algorithm):
     """A baseline on a :class:`Classifier` workspace (see the module docstring)."""
 
     shared: ClassVar[tuple[str, ...]]
@@ -82,15 +95,11 @@ class Supervised(Algorithm):
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
         super().__init__(config, task, runtime)
         self.modules = runtime.prepare(self._build())
-        self.params = dict(self.modules.named_parameters())
-        self.names = {p: n for n, p in self.params.items()}
-        self.optimizers = {
-            name: make_optimizer(config, params) for name, params in self._param_groups().items()
-        }
+        self.workspace = Workspace(config, self.modules, self._param_groups())
+        self.optimizers = self.workspace.optimizers
         self.opt_ft = make_optimizer(config, self.modules.parameters()) if self.fine_tune else None
         self.upload_keys = self._upload_keys()
         self.server_keys = self._server_keys()
-        self.private_keys = frozenset(self.modules.state_dict()) - self.server_keys
 
     # --- what each baseline says --------------------------------------------------------------
 
@@ -115,34 +124,25 @@ class Supervised(Algorithm):
         return self.upload_keys
 
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
-        step = self._step(self.optimizers["local"], self.modules)
-        return self._fit(data, rng, self.config.train.local_epochs, step)
+        return self._fit(data, rng, self.config.train.local_epochs, self._step(["local"]))
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.modules(x)
 
-    # --- state in and out of the workspace ----------------------------------------------------
-
     def _load(self, payload: Payload, state: State) -> None:
-        load_module_state(
-            self.modules, {**state, **{f"model/{k}": v for k, v in payload.items()}}, "model/"
-        )
-        for name, opt in self.optimizers.items():
-            load_optimizer_state(opt, self.params, state, f"opt_{name}/")
+        self.workspace.load(payload, state)
 
     def _save(self) -> State:
-        state = module_state(self.modules, "model/", self.private_keys)
-        for name, opt in self.optimizers.items():
-            state |= optimizer_state(opt, self.names, f"opt_{name}/")
-        return state
+        return self.workspace.save(self.server_keys)
 
     # --- the contract -------------------------------------------------------------------------
 
     def init_server(self, seed: int) -> Payload:
         return module_state(seeded_init(seed, self._build), keys=self.server_keys)
 
-    def init_client(self, client_id: int, seed: int) -> State:
-        return module_state(seeded_init(seed, self._build), "model/", self.private_keys)
+    def init_client(self, seed: int, initial: Payload) -> State:
+        keys = frozenset(self.modules.state_dict()) - self.server_keys
+        return module_state(seeded_init(seed, self._build), "model/", keys)
 
     def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
         """Sample-weighted mean of the uploads; what the server holds but nobody uploads stays."""
@@ -151,8 +151,9 @@ class Supervised(Algorithm):
         return server | weighted_mean([(p, float(n)) for p, n in updates])
 
     def parameter_counts(self) -> dict[str, int]:
-        shared = sum(p.numel() for n, p in self.params.items() if n in self.server_keys)
-        return {"shared": shared, "private": sum(p.numel() for p in self.params.values()) - shared}
+        params = self.workspace.params
+        shared = sum(p.numel() for n, p in params.items() if n in self.server_keys)
+        return {"shared": shared, "private": sum(p.numel() for p in params.values()) - shared}
 
     def local_update(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
@@ -160,65 +161,55 @@ class Supervised(Algorithm):
         self._load(payload, state)
         self.modules.train()
         metrics = self._local_train(data, rng)
-        return Update(
-            module_state(self.modules, keys=self.upload_keys), data.num_train, self._save(), metrics
-        )
+        upload = module_state(self.modules, keys=self.upload_keys)
+        return Update(upload, data.num_train, self._save(), metrics)
 
     def evaluate(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
     ) -> Evaluation:
-        self._load(payload, state)  # the workspace is a copy: fine-tuning it leaves `state` alone
+        self._load(payload, state)  # a copy: fine-tuning it leaves `state` alone
         epochs = self.config.baselines.ft_epochs
         if self.opt_ft is not None and epochs:
             self.opt_ft.state.clear()
             self.modules.train()
-            self._fit(data, rng, epochs, self._step(self.opt_ft, self.modules))
+            self._fit(data, rng, epochs, self._step([self.opt_ft]))
         self.modules.eval()
         return evaluate_predictions(self.runtime, data, self._predict)
 
-    # --- training loops -----------------------------------------------------------------------
+    # --- training steps -----------------------------------------------------------------------
 
     def _step(
         self,
-        opt: torch.optim.Optimizer,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-        penalty: Callable[[], torch.Tensor] | None = None,
+        optimizers: Sequence[str | torch.optim.Optimizer],
+        forward: Callable[[torch.Tensor], Any] | None = None,
+        objective: Objective | None = None,
     ) -> Step:
-        """A step minimising ``loss_fn(forward(x), y) [+ penalty()]`` with ``opt``."""
+        """A step of ``optimizers`` (by group name, or given) on ``objective(forward(x), y)``;
+        ``forward`` (default: the whole workspace) runs under autocast, ``objective`` (default:
+        :func:`cross_entropy`) after it."""
+        opts = [self.optimizers[o] if isinstance(o, str) else o for o in optimizers]
+        forward = forward or self.modules
+        objective = objective or cross_entropy()
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.runtime.autocast():
-                logits = forward(x).float()
-            loss = loss_fn(logits, y)
-            total = loss if penalty is None else loss + penalty()
+                out = forward(x)
+            loss, total, logits = objective(out, y)
             self.modules.zero_grad(set_to_none=True)
             total.backward()
-            opt.step()
-            return loss.detach(), logits.detach()
+            for opt in opts:
+                opt.step()
+            return {"train_loss": loss.detach(), "correct": (logits.argmax(dim=1) == y).sum()}
 
         return step
 
     def _fit(
         self, data: ClientData, rng: torch.Generator, epochs: int, step: Step
     ) -> dict[str, float]:
-        """``epochs`` shuffled passes (drop_last, as FedRIR) of ``step``; mean loss and accuracy."""
-        dev = self.runtime.device
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        seen = steps = 0
-        for _ in range(epochs):
-            for idx in batches(data.num_train, self.config.train.batch_size, rng, drop_last=True):
-                y = data.train_y[idx]
-                loss, logits = step(self.runtime.input(data.train_x[idx]), y)
-                loss_sum += loss
-                correct += (logits.argmax(dim=1) == y).sum()
-                seen += len(y)
-                steps += 1
-        return {"train_loss": loss_sum.item() / steps, "train_accuracy": correct.item() / seen}
+        return fit(self.runtime, data, rng, epochs, self.config.train.batch_size, step)
 
 
-class GlobalAndPersonal(Supervised):
+class GlobalAndPersonal(Baseline):
     """Two whole classifiers per client: ``global`` (travels, BatchNorm buffers included) and
     ``personal`` (stays); each has its own optimizer. The base of Ditto and APFL."""
 
@@ -227,11 +218,10 @@ class GlobalAndPersonal(Supervised):
     def _build(self) -> nn.Module:
         return nn.ModuleDict({"global": self._classifier(), "personal": self._classifier()})
 
-    def init_client(self, client_id: int, seed: int) -> State:
+    def init_client(self, seed: int, initial: Payload) -> State:
         """The personal model starts as a copy of the initial global model, as PFLlib's deep copy
         has it (two unrelated random models would make APFL's parameter mixture meaningless)."""
-        start = self.init_server(rounds.server_seed(self.config))
-        return {f"model/personal.{k.removeprefix('global.')}": v for k, v in start.items()}
+        return {f"model/personal.{k.removeprefix('global.')}": v for k, v in initial.items()}
 
     def _param_groups(self) -> dict[str, list[nn.Parameter]]:
         return self._per_module("global", "personal")

@@ -1,0 +1,95 @@
+"""Closing a round, written once for both engines.
+
+Whatever carried the round (the in-process loop or Flower's messages), it ends the same way: the
+round's numbers (who took part, bytes each way, seconds, training metrics) are added to the run's
+totals and, on evaluation rounds, pooled with the clients' evaluations into a
+:class:`~fedrir.results.RoundRecord`. A new field or rule of the records is added here only.
+
+Bytes come in two kinds, named apart: ``bytes_*`` are the tensor bytes of the payloads handed over
+(the same on either engine), ``message_bytes_*`` what the transport actually carried for them
+(Flower: the serialized messages; in-process, where nothing is serialized, the tensor bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fedrir.algorithms.base import Evaluation
+from fedrir.results import RoundRecord, pooled, weighted_metrics
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one round moved: tensor bytes and the transport's message bytes, each way."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    message_bytes_up: int = 0
+    message_bytes_down: int = 0
+
+
+@dataclass
+class Ledger:
+    """A run's running totals and its evaluated rounds; what a checkpoint carries of them."""
+
+    history: list[RoundRecord] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    message_bytes_up: int = 0
+    message_bytes_down: int = 0
+    bytes_evaluation_downloaded: int = 0
+    seconds: float = 0.0
+
+    def close(
+        self,
+        round_: int,
+        *,
+        selected: int,
+        trained: Sequence[tuple[Mapping[str, float], int]],
+        traffic: Traffic,
+        seconds: float,
+        evaluations: Sequence[Evaluation] | None,
+        evaluation_download: int = 0,
+    ) -> RoundRecord | None:
+        """Add round ``round_`` to the totals; its record if it was evaluated (``evaluations``:
+        every client's counts; ``evaluation_download``: the tensor bytes sent for them)."""
+        for f in fields(Traffic):
+            setattr(self, f.name, getattr(self, f.name) + getattr(traffic, f.name))
+        self.bytes_evaluation_downloaded += evaluation_download
+        self.seconds += seconds
+        if evaluations is None:
+            return None
+        record = RoundRecord(
+            round=round_,
+            participants=len(trained),
+            selected=selected,
+            bytes_up=traffic.bytes_up,
+            bytes_down=traffic.bytes_down,
+            message_bytes_up=traffic.message_bytes_up,
+            message_bytes_down=traffic.message_bytes_down,
+            bytes_up_total=self.bytes_up,
+            bytes_down_total=self.bytes_down,
+            seconds=seconds,
+            elapsed=self.seconds,
+            train=weighted_metrics(trained),
+            **pooled(evaluations),
+        )
+        self.history.append(record)
+        return record
+
+    def counters(self) -> dict[str, Any]:
+        """The totals, as a checkpoint stores them."""
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    @classmethod
+    def restore(cls, history: Sequence[Mapping[str, Any]], counters: Mapping[str, Any]) -> Ledger:
+        ledger = cls(history=[RoundRecord(**r) for r in history])
+        for name in COUNTERS:
+            setattr(ledger, name, type(getattr(ledger, name))(counters[name]))
+        return ledger
+
+
+COUNTERS = tuple(f.name for f in fields(Ledger) if f.name != "history")
+"""The running totals a checkpoint carries besides the history."""

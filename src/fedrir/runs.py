@@ -1,0 +1,161 @@
+"""What every run does around its round loop, on either engine: resolve and build
+(:func:`prepare`), claim and fill its folder, and finish it (summary and curves).
+
+The in-process engine (through :mod:`fedrir.api`) and the Flower ServerApp both start, record and
+finish runs through this module, so a run folder looks the same whichever engine wrote it:
+``config.toml`` (the resolved configuration), ``metrics.jsonl`` (one line per evaluated round),
+``summary.json``, ``curves.png``, and ``checkpoint/`` (what a resume needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedrir.algorithms import get_algorithm
+from fedrir.algorithms.base import Algorithm, Task
+from fedrir.config import Config, config_to_toml
+from fedrir.data.federated import build_federated
+from fedrir.data.types import FederatedData
+from fedrir.engine.ledger import Ledger
+from fedrir.engine.runtime import resolve_runtime
+from fedrir.errors import DataError, FedrirError
+from fedrir.models.cnn import MIN_SIDE
+from fedrir.results import (
+    RoundRecord,
+    append_metrics,
+    atomic_write,
+    plot_curves,
+    summarize,
+    write_metrics,
+)
+
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE = (
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "curves.png",
+)
+CHECKPOINT_DIR = "checkpoint"
+RESULT_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)
+"""What a run folder holds besides its checkpoint."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run returns: its summary, its per-round history, and where its files are."""
+
+    summary: dict[str, Any]
+    history: list[RoundRecord]
+    out_dir: Path | None
+
+
+def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
+    """Resolve names, build the clients' data on the device, and the algorithm's workspace."""
+    algorithm_cls = get_algorithm(config.algorithm)  # fail on a bad name before loading data
+    runtime = resolve_runtime(config)
+    data = build_federated(config.data, config.seed, batch_size=config.train.batch_size)
+    data = dataclasses.replace(data, clients=tuple(c.to(runtime.device) for c in data.clients))
+    task = Task(input_shape=data.input_shape, num_classes=data.num_classes)
+    _, height, width = task.input_shape
+    if min(height, width) < MIN_SIDE:
+        raise DataError(
+            f"{config.data.dataset}: images of {height}×{width} are too small for the CNN, which "
+            f"takes at least {MIN_SIDE}×{MIN_SIDE}; upsample them first"
+        )
+    return algorithm_cls(config, task, runtime), data
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+
+def default_out_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{config.algorithm}-{config.data.dataset}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def check_out_dir(path: Path) -> None:
+    """Stop early when the result folder ``path`` is an existing file."""
+    if path.exists() and not path.is_dir():
+        raise FedrirError(f"{path} is a file, not a folder; pick another --out")
+
+
+def make_out_dir(path: Path) -> None:
+    """Create the result folder ``path`` (and its parents), or say in one line why it cannot be."""
+    check_out_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedrirError(f"cannot create {path} ({e.strerror}); pick another --out") from None
+
+
+def new_out_dir(config: Config, out: str | Path) -> Path:
+    """The folder a new run writes to (``"auto"``: a new one under ``runs/``), refused when it
+    is a file, already holds a run or holds anything else: a new run never overwrites files."""
+    path = default_out_dir(config) if out == "auto" else Path(out)
+    check_out_dir(path)  # fail before loading data, not after
+    if (path / CONFIG_FILE).exists():
+        fix = (
+            "delete it"
+            if config.engine == "flower"  # Flower runs cannot be resumed
+            else f"continue it with --resume {path}"
+        )
+        raise FedrirError(f"{path} already holds a run; {fix}, or pick another --out")
+    if path.is_dir() and any(path.iterdir()):
+        raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
+    return path
+
+
+def start_files(out: Path, config: Config, history: list[RoundRecord]) -> None:
+    """The run's ``config.toml``, and ``metrics.jsonl`` holding exactly the rounds in ``history``
+    (those a resumed state has seen; none for a new run)."""
+    make_out_dir(out)
+    atomic_write(out / CONFIG_FILE, config_to_toml(config))
+    write_metrics(out / METRICS_FILE, history)
+
+
+def record_round(out: Path, record: RoundRecord) -> None:
+    append_metrics(out / METRICS_FILE, record)
+
+
+def finish_run(
+    algorithm: Algorithm, ledger: Ledger, out: Path | None, wall_start: float, engine: str
+) -> RunResult:
+    """Summarise a finished run (either engine) and write ``summary.json`` and ``curves.png``."""
+    config = algorithm.config
+    summary = summarize(
+        ledger.history,
+        {
+            "algorithm": config.algorithm,
+            "dataset": config.data.dataset,
+            "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
+            "clients": config.data.clients,
+            "device": str(algorithm.runtime.device),
+            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
+            "parameters": algorithm.parameter_counts(),
+            "wall_seconds": time.perf_counter() - wall_start,
+            "engine": engine,
+            "bytes_evaluation_downloaded": ledger.bytes_evaluation_downloaded,
+            "message_bytes_uploaded": ledger.message_bytes_up,
+            "message_bytes_downloaded": ledger.message_bytes_down,
+        },
+    )
+    if out is not None:
+        atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        plot_curves(
+            {config.algorithm: [r.to_json() for r in ledger.history]},
+            out / CURVES_FILE,
+            title=f"{config.algorithm} on {config.data.dataset}, "
+            f"{config.data.clients} clients ({engine} engine)",
+        )
+    return RunResult(summary=summary, history=ledger.history, out_dir=out)

@@ -1,0 +1,127 @@
+"""The comparison table of ``fedrir compare``: one row per algorithm over its seeds, as CSV and
+Markdown, and the mean accuracy curve per algorithm."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from typing import Any
+
+from fedrir.config import Config
+
+COLUMNS = (
+    "algorithm",
+    "final_accuracy_mean",
+    "final_accuracy_std",
+    "best_accuracy_mean",
+    "best_accuracy_std",
+    "client_accuracy_std",
+    "bytes_uploaded_per_round",
+    "mb_uploaded_per_round",
+    "seconds_per_round",
+    "shared_parameters",
+    "private_parameters",
+    "seeds",
+)
+"""One row per algorithm. Accuracies are in %; ``*_std`` over seeds is the sample std (None for
+a single seed); ``client_accuracy_std`` is the final round's spread across clients, mean over
+seeds."""
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    final_mean, final_std = mean_std([100 * s["final_accuracy"] for s in summaries])
+    best_mean, best_std = mean_std([100 * s["best_accuracy"] for s in summaries])
+    up = statistics.fmean(s["bytes_uploaded_per_round"] for s in summaries)
+    return {
+        "algorithm": algorithm,
+        "final_accuracy_mean": final_mean,
+        "final_accuracy_std": final_std,
+        "best_accuracy_mean": best_mean,
+        "best_accuracy_std": best_std,
+        "client_accuracy_std": statistics.fmean(100 * s["client_accuracy_std"] for s in summaries),
+        "bytes_uploaded_per_round": up,
+        "mb_uploaded_per_round": up / 1e6,
+        "seconds_per_round": statistics.fmean(s["seconds_per_round"] for s in summaries),
+        "shared_parameters": summaries[0]["parameters"]["shared"],
+        "private_parameters": summaries[0]["parameters"]["private"],
+        "seeds": len(summaries),
+    }
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def format_mean_std(row: dict[str, Any], name: str) -> str:
+    """A table row's ``<name>_mean ± <name>_std`` to two decimals (the mean alone for one seed)."""
+    mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(
+    rows: list[dict[str, Any]],
+    config: Config,
+    seeds: list[int],
+    evaluated_on: str,
+    command: str,
+    files: tuple[str, str],
+) -> str:
+    """The table as Markdown, headed by the grid's command and settings; ``files`` names the
+    grid's settings file and its runs folder."""
+    grid, runs = files
+    d = config.data
+    lines = [
+        f"# fedrir compare: {d.dataset}, {d.partition} partition, {d.clients} clients, "
+        f"{config.rounds} rounds",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Settings: dataset `{d.dataset}` (fraction {d.fraction}), partition `{d.partition}`, "
+        f"alpha {d.alpha}, clients {d.clients}, rounds {config.rounds}, "
+        f"seeds {', '.join(map(str, seeds))}; all settings in `{grid}`, each run's files in "
+        f"`{runs}/<algorithm>-seed<seed>/`.",
+        "",
+        f"Accuracy is personalized accuracy on the clients' own {evaluated_on} data (pooled over "
+        "clients), in %, as mean ± sample std over seeds. Client spread is the std of per-client "
+        "accuracy at the final round, mean over seeds. Upload counts the bytes all clients send "
+        "per round (MB = 10^6 bytes). Every method is reported as measured, under the same "
+        "settings and partitions. Rows are sorted by final accuracy, highest first.",
+        "",
+        "| algorithm | final acc (%) | best acc (%) | client spread (%) | upload / round (bytes) "
+        "| upload / round (MB) | s / round | shared params | private params | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['algorithm']} | {format_mean_std(r, 'final_accuracy')} "
+        f"| {format_mean_std(r, 'best_accuracy')} "
+        f"| {r['client_accuracy_std']:.2f} | {r['bytes_uploaded_per_round']:,.0f} "
+        f"| {r['mb_uploaded_per_round']:.3f} | {r['seconds_per_round']:.2f} "
+        f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Accuracy and loss per evaluated round, averaged over the seeds that evaluated it."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for rows in runs:
+        for r in rows:
+            by_round.setdefault(r["round"], []).append(r)
+    return [
+        {
+            "round": round_,
+            "accuracy": statistics.fmean(r["accuracy"] for r in rs),
+            "loss": statistics.fmean(r["loss"] for r in rs),
+        }
+        for round_, rs in sorted(by_round.items())
+    ]
