@@ -41,6 +41,11 @@ def find_dir(cfg: DataConfig, subdir: str, name: str) -> Path | None:
     return next((c / name for c in candidates(cfg, subdir) if (c / name).is_dir()), None)
 
 
+def to_uint8(unit: Array) -> U8:
+    """Pixel values on a 0..1 scale as uint8 0..255, rounded, out-of-range values clipped."""
+    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+
+
 def gray_split(x: Array, y: Array, source: str) -> tuple[U8, Array]:
     """Check one split of a 10-class grayscale dataset and give its images a channel axis."""
     if x.dtype != np.uint8 or x.ndim != 3 or y.ndim != 1 or len(x) != len(y):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from fedrir.config import DataConfig
-from fedrir.data.sources.common import pooled
+from fedrir.data.sources.common import pooled, to_uint8
 from fedrir.data.types import Dataset
 
 
@@ -18,6 +16,5 @@ def load_digits(cfg: DataConfig) -> Dataset:
     from sklearn.datasets import load_digits as sklearn_digits
 
     d = sklearn_digits()
-    images = np.rint(d.images * (255 / 16)).astype(np.uint8).repeat(2, axis=1).repeat(2, axis=2)
-    images = images[:, None]
-    return pooled("digits", [(images, d.target)], 10, "scikit-learn digits")
+    images = to_uint8(d.images / 16).repeat(2, axis=1).repeat(2, axis=2)
+    return pooled("digits", [(images[:, None], d.target)], 10, "scikit-learn digits")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrir.config import DataConfig
-from fedrir.data.sources.common import U8, Array, pooled
+from fedrir.data.sources.common import U8, Array, pooled, to_uint8
 from fedrir.data.types import Dataset
 from fedrir.errors import DataError
 
@@ -52,8 +52,7 @@ def _read_pfllib(path: Path) -> tuple[U8, Array]:
             f"{path}: expected x [n, C, H, W] and n integer labels y, got x {x.shape} and "
             f"y {y.dtype} {y.shape}"
         )
-    pixels = np.clip(np.rint((x * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)
-    return pixels, y
+    return to_uint8(x * 0.5 + 0.5), y  # PFLlib normalises with Normalize(0.5, 0.5)
 
 
 def load_pfllib(cfg: DataConfig) -> Dataset:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedrir.config import DataConfig
-from fedrir.data.sources.common import pooled
+from fedrir.data.sources.common import pooled, to_uint8
 from fedrir.data.types import Dataset
 
 SYNTHETIC_SEED = 1234
@@ -41,8 +41,7 @@ def load_synthetic(cfg: DataConfig) -> Dataset:
             shifts = rng.integers(-SYNTHETIC_MAX_SHIFT, SYNTHETIC_MAX_SHIFT + 1, size=(n, 2))
             clean = np.stack([np.roll(prototypes[ci], tuple(s), axis=(0, 1)) for s in shifts])
             noisy = clean + SYNTHETIC_NOISE * rng.standard_normal(clean.shape)
-            x = contrast * (noisy - 0.5) + 0.5 + offset + texture
-            images.append(np.clip(np.rint(x * 255), 0, 255).astype(np.uint8))
+            images.append(to_uint8(contrast * (noisy - 0.5) + 0.5 + offset + texture))
             labels.append(np.full(n, ci))
             domains.append(np.full(n, di))
     parts = [(np.concatenate(images)[:, None], np.concatenate(labels))]
