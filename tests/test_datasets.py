@@ -36,6 +36,7 @@ from fedrir.data.datasets import (
     subset,
 )
 from fedrir.data.download import download, extract_tar
+from fedrir.data.sources import mnist as mnist_source
 from fedrir.data.types import Dataset
 from fedrir.errors import ConfigError, DataError
 from fedrir.runs import prepare
@@ -73,7 +74,7 @@ def test_mnist_from_pure_ml_is_the_full_merged_set(mnist: Dataset) -> None:
     assert torch.bincount(mnist.labels).tolist() == expected
     assert torch.bincount(mnist.labels[:60_000]).tolist() == list(MNIST_TRAIN_COUNTS)
 
-    path = datasets._pureml_mnist()
+    path = mnist_source._pureml_mnist()
     assert path is not None
     train_x, train_y, test_x, _ = read_mnist_zarr(path)
     assert np.array_equal(mnist.images[:60_000, 0].numpy(), train_x)
@@ -82,7 +83,7 @@ def test_mnist_from_pure_ml_is_the_full_merged_set(mnist: Dataset) -> None:
 
 
 def test_damaged_mnist_zip_is_a_one_line_error(tmp_path: Path) -> None:
-    path = datasets._pureml_mnist()
+    path = mnist_source._pureml_mnist()
     assert path is not None
     damaged = tmp_path / "cut.zarr.zip"
     damaged.write_bytes(path.read_bytes()[:100_000])
@@ -94,7 +95,7 @@ def test_damaged_mnist_zip_is_a_one_line_error(tmp_path: Path) -> None:
 def test_mnist_missing_everywhere_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(datasets, "_pureml_mnist", lambda: None)
+    monkeypatch.setattr(mnist_source, "_pureml_mnist", lambda: None)
     assert not DATASETS["mnist"].available(cfg("mnist", tmp_path))
     with pytest.raises(DataError) as e:
         load_dataset(cfg("mnist", tmp_path), 0)
