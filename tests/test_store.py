@@ -213,10 +213,12 @@ def test_commit_deletes_superseded_files_and_never_a_named_one(tmp_path: Path) -
     assert listing(tmp_path) == set(first.values()) | {"client0.s000003.safetensors"}
     second = store.flush()
     assert second == {0: "client0.s000003.safetensors", 1: first[1]}
+    store.put(0, trained(store.get(0), noise))  # a spill between a flush and its commit …
     store.commit(second)
-    assert listing(tmp_path) == set(second.values())
-    store.commit(second)  # again: nothing more to delete
-    assert listing(tmp_path) == set(second.values())
+    assert listing(tmp_path) == set(second.values()) | {"client0.s000004.safetensors"}
+    third = store.flush()
+    store.commit(third)  # … and the file it superseded goes with the next commit
+    assert listing(tmp_path) == set(third.values()) == {"client0.s000004.safetensors", first[1]}
 
 
 def test_sequence_continues_above_committed_names_after_reopen(tmp_path: Path) -> None:
