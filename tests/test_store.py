@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -240,6 +241,25 @@ def test_sequence_continues_above_committed_names_after_reopen(tmp_path: Path) -
         5: "client5.s000004.safetensors",
     }
     assert {name: (tmp_path / name).read_bytes() for name in files.values()} == before
+
+
+def test_flush_makes_spilled_names_durable_before_a_manifest_can_name_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = open_store(tmp_path, budget=0)
+    store.put(3, initial(3))  # spilled at once: nothing is dirty at the flush
+    store.flush()
+    assert synced == [".client3.s000000.safetensors.tmp", tmp_path.name]
+    store.flush()  # nothing new: no sync
+    assert len(synced) == 2
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "other client", "escape"])

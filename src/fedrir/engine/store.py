@@ -83,6 +83,7 @@ class ClientStore:
         self._latest: dict[int, str] = dict(committed or {})  # client → newest file
         self._pinned = set(self._latest.values())  # named by a durable or pending manifest
         self._stale: set[str] = set()  # pinned files that a newer version superseded
+        self._unsynced = False  # files renamed into place since the directory was last fsynced
         seqs = [self._check(c, name) for c, name in self._latest.items()]
         self._seq = max(seqs, default=-1) + 1
         directory.mkdir(parents=True, exist_ok=True)
@@ -109,11 +110,11 @@ class ClientStore:
 
     def flush(self) -> dict[int, str]:
         """Write every changed state; the complete client → file map for the next manifest."""
-        if self._dirty:
-            for client in sorted(self._dirty):
-                self._write(client, self._cache[client])
-            self._dirty.clear()
-            self._sync_directory()  # the new names are durable before a manifest names them
+        for client in sorted(self._dirty):
+            self._write(client, self._cache[client])
+        self._dirty.clear()
+        if self._unsynced:  # spills included: every name is durable before a manifest names it
+            self._sync_directory()
         files = dict(sorted(self._latest.items()))
         self._pinned |= set(files.values())
         return files
@@ -151,6 +152,7 @@ class ClientStore:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self._unsynced = True
         previous = self._latest.get(client)
         self._latest[client] = name
         if previous in self._pinned:
@@ -195,3 +197,4 @@ class ClientStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._unsynced = False
