@@ -1,0 +1,200 @@
+"""Clients' private states on disk behind a byte-bounded LRU cache: the store *is* the checkpoint.
+
+A run with many clients cannot keep every client's ``State`` in RAM (FedRIR's is ~30 MB), so a
+state is loaded only when a round touches the client and written back when it changed. States are
+safetensors files (no pickle) in the run folder; a checkpoint's manifest names them rather than
+copying them. File names carry a store-wide sequence number (``client17.s000042.safetensors``), so
+a newer version never overwrites a file that a durable manifest names.
+
+Protocol: ``flush()`` → write the manifest naming the returned files, durably → ``commit(files)``.
+A crash anywhere in between leaves the previous manifest and its files intact; reopening with the
+previous manifest's map deletes every newer file, so no state from the future is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from fedrir.algorithms.base import State
+from fedrir.errors import ConfigError, FedrirError
+
+_NAME = r"client(\d+)\.s(\d+)\.safetensors"
+_FILE = re.compile(_NAME)
+_OURS = re.compile(rf"{_NAME}|\.{_NAME}\.tmp")
+"""A store file, or the temporary name it is written under (left behind by a kill)."""
+_DAMAGED = "the checkpoint is damaged; restore it or start a new run"
+
+
+@dataclass
+class StoreStats:
+    """Running totals, so a benchmark can report the store's share of a round."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    files_written: int = 0
+    spills: int = 0  # dirty states written because the cache was full
+    seconds: float = 0.0  # in file reads and writes
+    hits: int = 0
+    misses: int = 0
+
+
+def state_bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class ClientStore:
+    """Every client's latest state: cached (LRU, at most ``budget_bytes``) or in its newest file,
+    or, for a client that never had one, ``initial(client)`` (deterministic, so never written).
+
+    ``get`` returns the cached tensors themselves: treat them as read-only and ``put`` a new state.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        budget_bytes: int,
+        initial: Callable[[int], State],
+        device: torch.device,
+        committed: Mapping[int, str] | None = None,
+    ) -> None:
+        """``committed`` is the client → file map of the last durable manifest (None for a new run).
+        Any store file in ``directory`` that it does not name is from an interrupted round: deleted.
+        """
+        if budget_bytes < 0:
+            raise ConfigError(f"state cache budget is {budget_bytes} bytes; set it to 0 or more")
+        self.directory = directory
+        self.budget = budget_bytes
+        self.initial = initial
+        self.device = device
+        self.stats = StoreStats()
+        self._cache: OrderedDict[int, State] = OrderedDict()  # least recently used first
+        self._cached_bytes = 0
+        self._dirty: set[int] = set()
+        self._latest: dict[int, str] = dict(committed or {})  # client → newest file
+        self._pinned = set(self._latest.values())  # named by a durable or pending manifest
+        self._stale: set[str] = set()  # pinned files that a newer version superseded
+        self._unsynced = False  # files renamed into place since the directory was last fsynced
+        seqs = [self._check(c, name) for c, name in self._latest.items()]
+        self._seq = max(seqs, default=-1) + 1
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in directory.iterdir():
+            if _OURS.fullmatch(path.name) and path.name not in self._pinned:
+                path.unlink()
+
+    def get(self, client: int) -> State:
+        """The client's latest state, on ``device``."""
+        if client in self._cache:
+            self.stats.hits += 1
+            self._cache.move_to_end(client)
+            return self._cache[client]
+        self.stats.misses += 1
+        name = self._latest.get(client)
+        state = self.initial(client) if name is None else self._read(client, name)
+        self._insert(client, state)
+        return state
+
+    def put(self, client: int, state: State) -> None:
+        """The client's new state; written at the next ``flush``, or earlier if evicted."""
+        self._dirty.add(client)
+        self._insert(client, state)
+
+    def flush(self) -> dict[int, str]:
+        """Write every changed state; the complete client → file map for the next manifest."""
+        for client in sorted(self._dirty):
+            self._write(client, self._cache[client])
+        self._dirty.clear()
+        if self._unsynced:  # spills included: every name is durable before a manifest names it
+            self._sync_directory()
+        files = dict(sorted(self._latest.items()))
+        self._pinned |= set(files.values())
+        return files
+
+    def commit(self, files: Mapping[int, str]) -> None:
+        """Called once the manifest naming ``files`` is durable: delete what it superseded."""
+        keep = set(files.values())
+        for name in self._stale - keep:
+            (self.directory / name).unlink(missing_ok=True)
+        self._stale &= keep
+        self._pinned = keep
+
+    def _insert(self, client: int, state: State) -> None:
+        """Cache ``state`` as most recent, then evict least recent states down to the budget
+        (possibly ``state`` itself: the caller still holds it)."""
+        if client in self._cache:
+            self._cached_bytes -= state_bytes(self._cache.pop(client))
+        self._cache[client] = state
+        self._cached_bytes += state_bytes(state)
+        while self._cached_bytes > self.budget:
+            victim, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= state_bytes(evicted)
+            if victim in self._dirty:
+                self._write(victim, evicted)
+                self._dirty.discard(victim)
+                self.stats.spills += 1
+
+    def _write(self, client: int, state: State) -> None:
+        start = time.perf_counter()
+        name = f"client{client}.s{self._seq:06d}.safetensors"
+        self._seq += 1
+        path = self.directory / name
+        tmp = path.with_name(f".{name}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._unsynced = True
+        previous = self._latest.get(client)
+        self._latest[client] = name
+        if previous in self._pinned:
+            self._stale.add(previous)  # a manifest may still name it: deleted in `commit`
+        elif previous is not None:
+            (self.directory / previous).unlink()
+        self.stats.files_written += 1
+        self.stats.bytes_written += path.stat().st_size
+        self.stats.seconds += time.perf_counter() - start
+
+    def _read(self, client: int, name: str) -> State:
+        start = time.perf_counter()
+        path = self.directory / name
+        try:
+            state = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise self._damaged(client, path, e) from None
+        self.stats.bytes_read += path.stat().st_size
+        self.stats.seconds += time.perf_counter() - start
+        return {k: v.to(self.device) for k, v in state.items()}
+
+    def _check(self, client: int, name: str) -> int:
+        """The sequence number of a committed file, after checking it is whole."""
+        match = _FILE.fullmatch(name)
+        path = self.directory / name
+        if match is None or match[1] != str(client):
+            raise self._damaged(client, path, "not a state file name for this client")
+        try:
+            with safe_open(str(path), framework="pt"):  # reads and checks the header and size
+                pass
+        except (OSError, SafetensorError) as e:
+            raise self._damaged(client, path, e) from None
+        return int(match[2])
+
+    def _damaged(self, client: int, path: Path, reason: object) -> FedrirError:
+        why = "missing" if isinstance(reason, FileNotFoundError) else str(reason).partition("\n")[0]
+        return FedrirError(f"client {client}'s state file {path} is unusable ({why}); {_DAMAGED}")
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._unsynced = False
