@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from fedrir.config import Config
 from fedrir.engine.codecs import CHUNK, Tensors, parse_codec
 from fedrir.errors import ConfigError
 
@@ -93,6 +94,14 @@ def test_bad_specs_are_one_line_errors_listing_the_valid_forms(spec: str) -> Non
     message = str(info.value)
     assert "\n" not in message and repr(spec) in message
     assert all(form in message for form in ("none", "fp16", "bf16", "int8", "qsgd:B", "topk:R+C"))
+
+
+def test_config_validates_both_directions() -> None:
+    assert Config(uplink="topk:0.01+int8", downlink="fp16").uplink == "topk:0.01+int8"
+    with pytest.raises(ConfigError, match=r"'uplink'.*'topk:0'"):
+        Config(uplink="topk:0")
+    with pytest.raises(ConfigError, match=r"'downlink'.*'int8\+topk:0.1'"):
+        Config(downlink="int8+topk:0.1")
 
 
 # ----------------------------------------------------------------------------- round trips
