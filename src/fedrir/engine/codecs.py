@@ -16,8 +16,9 @@ Specs (the ``uplink`` / ``downlink`` config keys):
   ``m · (2j/L − 1)``, ``j = 0 … L = 2^B − 1``, evenly spaced over [−m, m]. Each entry rounds to
   one of its two neighbouring levels with the probability that makes it unbiased
   (E[decode(encode(x))] = x); the error of an entry is below one step, 2m/L. Codes are bit-packed,
-  B bits each. Using all 2^B codes (rather than QSGD's symmetric 2s + 1 levels around 0) makes
-  B = 1 possible (levels ±m) and the step slightly finer for the same bits.
+  B bits each (at B = 8 they are the bytes themselves, uint8 codes 0 … 255). Using all 2^B codes
+  (rather than QSGD's symmetric 2s + 1 levels around 0) makes B = 1 possible (levels ±m) and the
+  step slightly finer for the same bits.
 - ``topk:R``, 0 < R ≤ 1: keep the round(R · n) entries of largest magnitude of each tensor (at
   least one), with error feedback (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018):
   selection is from ``update + residual``, and what was not sent becomes the new residual, which the
@@ -235,7 +236,7 @@ class Codec:
                 out[key] = parts["r"]
                 continue
             if "h" not in parts:
-                raise FedrirError(f"encoded payload has no header for '{key}': not {self.spec!r}")
+                raise FedrirError(f"'{key}' has no header: it was not encoded by {self.spec!r}")
             code, *shape = parts["h"].tolist()
             dtype, count = FLOATS[code], math.prod(shape)
             if self.fraction is None:
