@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedrir.engine.codecs import parse_codec
 from fedrir.errors import ConfigError
 
 
@@ -187,6 +188,11 @@ class Config:
     """Torch intra-op threads; 0 keeps torch's default."""
     checkpoint_every: int = 1
     """Write a resumable checkpoint every this many rounds (0: never)."""
+    uplink: str = "none"
+    """Codec of what clients send (their update): ``none``, ``fp16``, ``bf16``, ``int8``,
+    ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see :mod:`fedrir.engine.codecs`)."""
+    downlink: str = "none"
+    """Codec of what the server broadcasts; the same forms as ``uplink``."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fedrir: FedRIRConfig = field(default_factory=FedRIRConfig)
@@ -207,6 +213,11 @@ class Config:
         _check(self.threads >= 0, "threads", "must be >= 0")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.seed >= 0, "seed", "must be >= 0")
+        for key in ("uplink", "downlink"):
+            try:
+                parse_codec(getattr(self, key))
+            except ConfigError as e:
+                raise ConfigError(f"invalid value for '{key}': {e}") from None
 
 
 SECTIONS: dict[str, type] = {
