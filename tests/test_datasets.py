@@ -25,18 +25,11 @@ import torch
 from PIL import Image
 
 from fedrir.config import Config, DataConfig, with_overrides
-from fedrir.data import datasets
-from fedrir.data.datasets import (
-    DATASETS,
-    IDX_FILES,
-    describe_datasets,
-    load_dataset,
-    read_idx,
-    read_mnist_zarr,
-    subset,
-)
+from fedrir.data.datasets import DATASETS, describe_datasets, load_dataset, subset
 from fedrir.data.download import download, extract_tar
 from fedrir.data.sources import mnist as mnist_source
+from fedrir.data.sources.idx import FMNIST_SYSTEM_DIR, IDX_FILES, read_idx
+from fedrir.data.sources.mnist import read_mnist_zarr
 from fedrir.data.types import Dataset
 from fedrir.errors import ConfigError, DataError
 from fedrir.runs import prepare
@@ -188,7 +181,7 @@ def test_mnist_prefers_the_users_idx_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not datasets.FMNIST_SYSTEM_DIR.is_dir(),
+    not FMNIST_SYSTEM_DIR.is_dir(),
     reason="Debian's Fashion-MNIST is absent (apt-get install dataset-fashion-mnist)",
 )
 def test_real_fmnist_from_the_debian_package(tmp_path: Path) -> None:

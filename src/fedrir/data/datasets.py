@@ -22,35 +22,16 @@ import torch
 from fedrir.config import DataConfig
 from fedrir.data.download import download, extract_tar
 from fedrir.data.sources.cifar import CIFAR10, CIFAR100, cifar_available, load_cifar
-from fedrir.data.sources.common import CACHE_ROOT, DEFAULT_ROOT, data_root, find_dir
+from fedrir.data.sources.common import DEFAULT_ROOT, data_root, find_dir
 from fedrir.data.sources.digits import load_digits
 from fedrir.data.sources.folders import DOMAINNET, OFFICE_CALTECH10, load_tree, tree_available
-from fedrir.data.sources.idx import (
-    FMNIST_SYSTEM_DIR,
-    IDX_FILES,
-    fmnist_available,
-    load_fmnist,
-    read_idx,
-)
-from fedrir.data.sources.mnist import load_mnist, mnist_available, read_mnist_zarr
+from fedrir.data.sources.idx import fmnist_available, load_fmnist
+from fedrir.data.sources.mnist import load_mnist, mnist_available
 from fedrir.data.sources.pfllib import load_pfllib, pfllib_available
 from fedrir.data.sources.synthetic import load_synthetic
 from fedrir.data.types import Dataset
 from fedrir.errors import ConfigError, DataError
 
-__all__ = [
-    "CACHE_ROOT",
-    "DATASETS",
-    "FMNIST_SYSTEM_DIR",
-    "IDX_FILES",
-    "DatasetSpec",
-    "Remote",
-    "describe_datasets",
-    "load_dataset",
-    "read_idx",
-    "read_mnist_zarr",
-    "subset",
-]
 """The registry, plus the source names callers imported from here before the loaders moved."""
 
 log = logging.getLogger(__name__)

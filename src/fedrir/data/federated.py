@@ -28,8 +28,9 @@ import numpy.typing as npt
 import torch
 
 from fedrir.config import DataConfig
-from fedrir.data.datasets import CACHE_ROOT, load_dataset
+from fedrir.data.datasets import load_dataset
 from fedrir.data.partition import IntArray, make_partitioner
+from fedrir.data.sources.common import CACHE_ROOT
 from fedrir.data.types import ClientData, Dataset, FederatedData
 from fedrir.errors import DataError
 
