@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from fedrir.algorithms.base import EVAL_BATCH
 from fedrir.algorithms.fedrir import FedRIR
 from fedrir.config import Config, with_overrides
-from fedrir.engine.simulator import initial_state, simulate
+from fedrir.engine.simulator import open_state, simulate
 from fedrir.runs import prepare
 
 
@@ -82,7 +84,7 @@ def main() -> None:
     )
     print(f"{data.num_clients} clients, {n_train} training and {n_test} test images")
 
-    state = initial_state(algorithm, data.num_clients)
+    state = open_state(algorithm, Path(tempfile.mkdtemp(prefix="fedrir-bench-")), 2**40)
     times: list[float] = []
     state = simulate(
         algorithm,

@@ -7,6 +7,8 @@ label skew (3 classes each), so chance is 1/3 for a personal model and 1/10 for 
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from fedrir.algorithms.fedrod import balanced_softmax_loss
 from fedrir.config import Config, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.simulator import SimState, initial_state, simulate
+from fedrir.engine.simulator import SimState, open_state, simulate
 
 SHAPE = (1, 16, 16)
 TASK = Task(input_shape=SHAPE, num_classes=10)
@@ -83,8 +85,13 @@ def make(name: str, **overrides: Any) -> Baseline:
     return algo
 
 
+def start(algo: Algorithm) -> SimState:
+    """Round 0, the clients' store in a folder of its own with room for every state."""
+    return open_state(algo, Path(tempfile.mkdtemp(prefix="fedrir-test-")), 2**40)
+
+
 def run(algo: Algorithm, data: FederatedData) -> SimState:
-    return simulate(algo, algo.config, data, initial_state(algo, data.num_clients))
+    return simulate(algo, algo.config, data, start(algo))
 
 
 def rng(seed: int = 0) -> torch.Generator:
@@ -205,14 +212,14 @@ def test_fedprox_with_mu_zero_is_fedavg_exactly(data: FederatedData) -> None:
 
 def test_fedbabu_never_trains_its_head(data: FederatedData) -> None:
     algo = make("fedbabu", rounds=2)
-    start = initial_state(algo, data.num_clients)
-    head0 = {k: start.server[k].clone() for k in HEAD}
-    update = algo.local_update(start.server, start.clients[0], data.clients[0], rng())
+    begin = start(algo)
+    head0 = {k: begin.server[k].clone() for k in HEAD}
+    update = algo.local_update(begin.server, begin.clients.get(0), data.clients[0], rng())
     workspace = algo.modules.state_dict()
     assert all(torch.equal(workspace[k], head0[k]) for k in HEAD)  # trained body, same head
-    assert not torch.equal(workspace["body.fc.weight"], start.server["body.fc.weight"])
+    assert not torch.equal(workspace["body.fc.weight"], begin.server["body.fc.weight"])
     assert not any(k.startswith("opt_local/head.") for k in update.state)  # never stepped
-    end = simulate(algo, algo.config, data, start)
+    end = simulate(algo, algo.config, data, begin)
     assert all(torch.equal(end.server[k], head0[k]) for k in HEAD)
     # aggregation averages the body and keeps the head the server holds
     merged = algo.aggregate(end.server, [(update.payload, 1)])
@@ -265,7 +272,7 @@ def test_the_personal_model_starts_as_the_initial_global_model(name: str) -> Non
     algo = make(name)
     server = rounds.initial_server(algo)
     for client in (0, 1):
-        state = rounds.initial_client(algo, client)
+        state = rounds.initial_client(algo, client, server)
         personal = {k: v for k, v in state.items() if k.startswith("model/personal.")}
         assert {k.replace("model/personal.", "global.") for k in personal} == set(server)
         assert all(
@@ -294,7 +301,9 @@ def test_same_seed_same_numbers_other_seed_other_numbers(data: FederatedData) ->
     assert [r.loss for r in a.ledger.history] == [r.loss for r in b.ledger.history]
     assert all(torch.equal(a.server[k], b.server[k]) for k in a.server)
     assert all(
-        torch.equal(sa[k], sb[k]) for sa, sb in zip(a.clients, b.clients, strict=True) for k in sa
+        torch.equal(sa[k], sb[k])
+        for sa, sb in ((a.clients.get(c), b.clients.get(c)) for c in range(2))
+        for k in sa
     )
     assert [r.loss for r in a.ledger.history] != [r.loss for r in c.ledger.history]
 

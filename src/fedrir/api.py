@@ -7,16 +7,20 @@ folder, finishing) is :mod:`fedrir.runs`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from fedrir import runs
+from fedrir.algorithms.base import Algorithm
 from fedrir.config import Config, load_config, run_identity
+from fedrir.data.types import FederatedData
 from fedrir.engine.checkpoint import Checkpointer, Snapshot, load_snapshot
 from fedrir.engine.runtime import torch_threads
-from fedrir.engine.simulator import SimState, initial_state, simulate
+from fedrir.engine.simulator import SimState, open_state, simulate
 from fedrir.errors import FedrirError
 from fedrir.flower import runner
 from fedrir.progress import Progress
@@ -32,20 +36,36 @@ def _execute(
 ) -> RunResult:
     wall = time.perf_counter()
     algorithm, data = runs.prepare(config)
-    checkpointer = None
     snapshot = None
     if out is not None:
         runs.make_out_dir(out)
         if resuming:
-            snapshot = load_snapshot(out / CHECKPOINT_DIR, data.num_clients, run_identity(config))
+            snapshot = load_snapshot(out / CHECKPOINT_DIR, run_identity(config))
             _check_resumable(out, snapshot, config)
-        if config.checkpoint_every:
-            checkpointer = Checkpointer(out / CHECKPOINT_DIR, run_identity(config))
-    state = (
-        SimState.from_snapshot(snapshot)
-        if snapshot is not None
-        else initial_state(algorithm, data.num_clients)
-    )
+    with contextlib.ExitStack() as scratch:
+        # the store lives in the checkpoint folder (it is the checkpoint), else in a scratch one
+        keep = out is not None and config.checkpoint_every > 0
+        folder = (
+            out / CHECKPOINT_DIR
+            if keep and out is not None
+            else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedrir-states-")))
+        )
+        state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
+        checkpointer = Checkpointer(folder, run_identity(config), state.clients) if keep else None
+        return _loop(config, out, progress, on_round, wall, algorithm, data, state, checkpointer)
+
+
+def _loop(
+    config: Config,
+    out: Path | None,
+    progress: bool,
+    on_round: OnRound | None,
+    wall: float,
+    algorithm: Algorithm,
+    data: FederatedData,
+    state: SimState,
+    checkpointer: Checkpointer | None,
+) -> RunResult:
     if out is not None:
         runs.start_files(out, config, state.ledger.history)
     bar = Progress(config, state.round, progress, out)

@@ -176,6 +176,9 @@ class Config:
     """Probability that a selected client fails mid-round and contributes nothing."""
     eval_every: int = 1
     """Evaluate every this many rounds; the last round is always evaluated."""
+    eval_clients: int = 0
+    """On intermediate evaluation rounds, evaluate a seeded sample of this many clients (0: every
+    client); the last round always evaluates every client, so the final accuracy covers all."""
     engine: str = "sim"
     """``sim`` (in-process simulator) or ``flower`` (Flower's simulation engine)."""
     device: str = "auto"
@@ -188,6 +191,9 @@ class Config:
     """Torch intra-op threads; 0 keeps torch's default."""
     checkpoint_every: int = 1
     """Write a resumable checkpoint every this many rounds (0: never)."""
+    state_cache_mb: int = 1024
+    """Memory (MiB) for clients' private states; the rest wait on disk, in the run's checkpoint
+    folder (the store is the checkpoint)."""
     uplink: str = "none"
     """Codec of what clients send (their update): ``none``, ``fp16``, ``bf16``, ``int8``,
     ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see :mod:`fedrir.engine.codecs`)."""
@@ -203,6 +209,7 @@ class Config:
         _check(0 < self.join_ratio <= 1, "join_ratio", "must be in (0, 1]")
         _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _check(self.eval_clients >= 0, "eval_clients", "must be >= 0 (0 = every client)")
         _one_of(self.engine, "engine", ENGINES)
         _one_of(self.precision, "precision", PRECISIONS)
         _check(
@@ -212,6 +219,7 @@ class Config:
         )
         _check(self.threads >= 0, "threads", "must be >= 0")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _check(self.state_cache_mb >= 0, "state_cache_mb", "must be >= 0 (MiB)")
         _check(self.seed >= 0, "seed", "must be >= 0")
         for key in ("uplink", "downlink"):
             try:

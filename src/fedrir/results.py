@@ -29,6 +29,8 @@ class RoundRecord:
     client_accuracy_std: float
     participants: int
     selected: int
+    evaluated: int
+    """How many clients ``accuracy`` covers (every client on the last round)."""
     bytes_up: int
     bytes_down: int
     message_bytes_up: int
@@ -96,6 +98,11 @@ def atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the new name itself durable, before anything relies on it
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_metrics(path: Path, records: Iterable[RoundRecord]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT = range(5)
+SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT, EVAL_SAMPLE = range(6)
 """Purposes of the derived streams."""
 
 
@@ -21,6 +21,11 @@ def derive_seed(*keys: int) -> int:
 def select_seed(seed: int, round_: int) -> int:
     """Who takes part in ``round_`` (and who drops out)."""
     return derive_seed(seed, round_, SELECT)
+
+
+def eval_sample_seed(seed: int, round_: int) -> int:
+    """Which clients an intermediate evaluation round evaluates (``eval_clients`` > 0)."""
+    return derive_seed(seed, round_, EVAL_SAMPLE)
 
 
 def train_seed(seed: int, round_: int, client: int) -> int:

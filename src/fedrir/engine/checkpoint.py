@@ -1,9 +1,11 @@
-"""Crash-safe checkpoints of a run: the server payload, every client's private state, the history.
+"""Crash-safe checkpoints of a run: the server payload, the manifest, and the client store.
 
-Tensors go to safetensors files (no pickle on load); one ``manifest.json``, replaced atomically
-last, says which files make up the latest complete checkpoint. A crash at any moment leaves either
-the previous manifest (and its files, which are deleted only after the new manifest is in place)
-or the new one. Only clients whose state changed since the last checkpoint get a new file.
+The clients' states live in the :class:`~fedrir.engine.store.ClientStore` in the same folder: a
+checkpoint never copies them, it names their files. Tensors are safetensors files (no pickle on
+load); one ``manifest.json``, replaced atomically last, says which files make up the latest
+complete checkpoint. A crash at any moment leaves either the previous manifest (and its files,
+deleted only after the new manifest is durable) or the new one; files a crash left newer than the
+manifest are deleted when the store reopens, so no state from the future is ever used.
 """
 
 from __future__ import annotations
@@ -19,21 +21,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fedrir.algorithms.base import Payload, State
+from fedrir.algorithms.base import Payload
 from fedrir.engine.ledger import COUNTERS
+from fedrir.engine.store import ClientStore
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write
 
 MANIFEST = "manifest.json"
+SERVER_PREFIX = "server.r"
 
 
 @dataclass
 class Snapshot:
-    """Everything needed to continue after ``round``."""
+    """What a checkpoint holds: everything needed to continue after ``round``."""
 
     round: int
     server: Payload
-    clients: list[State]
+    clients: dict[int, str]
+    """Client → the store's file of its state (clients without one are in their initial state)."""
     history: list[dict[str, Any]]
     counters: dict[str, Any]
 
@@ -47,39 +52,33 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 class Checkpointer:
-    """Writes snapshots into ``directory``, rewriting only what changed."""
+    """Writes checkpoints into ``directory``, which the run's client store shares."""
 
-    def __init__(self, directory: Path, config_id: str) -> None:
+    def __init__(self, directory: Path, config_id: str, store: ClientStore) -> None:
         self.directory = directory
         self.config_id = config_id
-        directory.mkdir(parents=True, exist_ok=True)
-        self.files: dict[str, str] = {}  # "server" / "client.3" → file name, as in the manifest
-        manifest = directory / MANIFEST
-        if manifest.exists():
-            self.files = dict(_read_manifest(manifest)["files"])
+        self.store = store
 
-    def save(self, snapshot: Snapshot, dirty_clients: set[int]) -> None:
-        r = snapshot.round
-        new = {"server": f"server.r{r}.safetensors"}
-        _save_tensors(self.directory / new["server"], snapshot.server)
-        for cid, state in enumerate(snapshot.clients):
-            key = f"client.{cid}"
-            if cid in dirty_clients or key not in self.files:
-                new[key] = f"client{cid}.r{r}.safetensors"
-                _save_tensors(self.directory / new[key], state)
-        files = self.files | new
+    def save(
+        self, round_: int, server: Payload, history: list[dict[str, Any]], counters: dict[str, Any]
+    ) -> None:
+        """Flush the store, write the server payload, then the manifest naming them; then let go
+        of what the new manifest no longer names."""
+        clients = self.store.flush()
+        server_file = f"{SERVER_PREFIX}{round_}.safetensors"
+        _save_tensors(self.directory / server_file, server)
         manifest = {
-            "round": r,
+            "round": round_,
             "config": self.config_id,
-            "files": files,
-            "history": snapshot.history,
-            "counters": snapshot.counters,
+            "server": server_file,
+            "clients": {str(c): name for c, name in clients.items()},
+            "history": history,
+            "counters": counters,
         }
         atomic_write(self.directory / MANIFEST, json.dumps(manifest))
-        self.files = files
-        keep = set(files.values()) | {MANIFEST}
+        self.store.commit(clients)
         for path in self.directory.iterdir():
-            if path.name not in keep and path.suffix in (".safetensors", ".tmp"):
+            if path.name.startswith(SERVER_PREFIX) and path.name != server_file:
                 path.unlink(missing_ok=True)
 
 
@@ -91,7 +90,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             isinstance(data, dict)
             and isinstance(data.get("round"), int)
             and isinstance(data.get("config"), str)
-            and isinstance(data.get("files"), dict)
+            and isinstance(data.get("server"), str)
+            and isinstance(data.get("clients"), dict)
+            and all(k.isdigit() and isinstance(v, str) for k, v in data["clients"].items())
             and isinstance(data.get("history"), list)
             and all(isinstance(r, dict) and set(r) == records for r in data["history"])
             and isinstance(data.get("counters"), dict)
@@ -105,8 +106,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def load_snapshot(directory: Path, num_clients: int, config_id: str) -> Snapshot | None:
-    """The latest complete snapshot in ``directory``, or None when no round was checkpointed;
+def load_snapshot(directory: Path, config_id: str) -> Snapshot | None:
+    """The latest complete checkpoint in ``directory``, or None when no round was checkpointed;
     refused when it was written under another configuration than ``config_id``."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
@@ -118,22 +119,16 @@ def load_snapshot(directory: Path, num_clients: int, config_id: str) -> Snapshot
             f"{directory.parent / 'config.toml'} now holds (was that file edited?); restore it, or "
             "start a new run"
         )
-    files = manifest["files"]
-
-    def load(name: str) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(directory / files[name]))
-        except KeyError:
-            raise FedrirError(f"checkpoint in {directory} has no {name}; cannot resume") from None
-        except (OSError, SafetensorError) as e:
-            raise FedrirError(
-                f"checkpoint file for {name} in {directory} is unreadable: {e}"
-            ) from None
-
+    try:
+        server = load_file(str(directory / manifest["server"]))
+    except (OSError, SafetensorError) as e:
+        raise FedrirError(
+            f"checkpoint file for the server in {directory} is unreadable: {e}"
+        ) from None
     return Snapshot(
         round=manifest["round"],
-        server=load("server"),
-        clients=[load(f"client.{cid}") for cid in range(num_clients)],
+        server=server,
+        clients={int(c): name for c, name in manifest["clients"].items()},
         history=manifest["history"],
         counters=manifest["counters"],
     )

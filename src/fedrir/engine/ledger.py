@@ -65,6 +65,7 @@ class Ledger:
             round=round_,
             participants=len(trained),
             selected=selected,
+            evaluated=len(evaluations),
             bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down,
             message_bytes_up=traffic.message_bytes_up,

@@ -42,12 +42,22 @@ def is_eval_round(config: Config, round_: int) -> bool:
     return round_ % config.eval_every == 0 or round_ == config.rounds
 
 
+def evaluated_clients(config: Config, round_: int, num_clients: int) -> tuple[int, ...]:
+    """The clients an evaluation round evaluates: every one on the last round (and whenever
+    ``eval_clients`` is 0 or at least the client count), else a seeded sample of that many."""
+    count = config.eval_clients
+    if round_ == config.rounds or not 0 < count < num_clients:
+        return tuple(range(num_clients))
+    rng = np.random.default_rng(streams.eval_sample_seed(config.seed, round_))
+    return tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
+
+
 def initial_server(algorithm: Algorithm) -> Payload:
     """The server's payload before round 1."""
     return algorithm.init_server(streams.server_seed(algorithm.config.seed))
 
 
-def initial_client(algorithm: Algorithm, client: int) -> State:
-    """``client``'s private state before it first takes part: a function of the seed alone."""
-    seed = streams.client_seed(algorithm.config.seed, client)
-    return algorithm.init_client(seed, initial_server(algorithm))
+def initial_client(algorithm: Algorithm, client: int, initial: Payload) -> State:
+    """``client``'s private state before it first takes part: a function of the seed alone
+    (``initial`` is :func:`initial_server`'s payload, computed once by the caller)."""
+    return algorithm.init_client(streams.client_seed(algorithm.config.seed, client), initial)

@@ -1,8 +1,10 @@
 """The in-process simulator: the round loop, written once for every algorithm.
 
-Per round: plan (who takes part), broadcast, local updates, aggregation, and on evaluation rounds
-personalized evaluation of *every* client, then the round is closed (:mod:`.ledger`) and a
-checkpoint written. Bytes are counted from the payloads actually handed over.
+Per round: plan (who takes part), local updates on the broadcast payload, aggregation, and on
+evaluation rounds personalized evaluation of every client (or of a seeded sample, on intermediate
+rounds with ``eval_clients``), then the round is closed (:mod:`.ledger`) and a checkpoint written.
+Clients' states go through the :class:`~fedrir.engine.store.ClientStore`: loaded when the round
+touches a client, written back when they changed, never all in memory at once.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedrir import streams
-from fedrir.algorithms.base import Algorithm, Payload, State, payload_bytes
+from fedrir.algorithms.base import Algorithm, Payload, payload_bytes
 from fedrir.config import Config
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer, Snapshot
 from fedrir.engine.ledger import Ledger, Traffic
+from fedrir.engine.store import ClientStore
 from fedrir.results import RoundRecord
 
 
@@ -27,31 +31,27 @@ class SimState:
 
     round: int
     server: Payload
-    clients: list[State]
+    clients: ClientStore
     ledger: Ledger = field(default_factory=Ledger)
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(
-            round=self.round,
-            server=self.server,
-            clients=self.clients,
-            history=[r.to_json() for r in self.ledger.history],
-            counters=self.ledger.counters(),
-        )
 
-    @classmethod
-    def from_snapshot(cls, snap: Snapshot) -> SimState:
-        return cls(
-            snap.round, snap.server, snap.clients, Ledger.restore(snap.history, snap.counters)
-        )
-
-
-def initial_state(algorithm: Algorithm, num_clients: int) -> SimState:
-    return SimState(
-        round=0,
-        server=rounds.initial_server(algorithm),
-        clients=[rounds.initial_client(algorithm, c) for c in range(num_clients)],
+def open_state(
+    algorithm: Algorithm, folder: Path, budget_bytes: int, snapshot: Snapshot | None = None
+) -> SimState:
+    """The loop's state at round 0, or where ``snapshot`` left off, with the clients' store in
+    ``folder`` (at most ``budget_bytes`` of states in memory)."""
+    initial = rounds.initial_server(algorithm)
+    store = ClientStore(
+        folder,
+        budget_bytes,
+        lambda c: rounds.initial_client(algorithm, c, initial),
+        algorithm.runtime.device,
+        None if snapshot is None else snapshot.clients,
     )
+    if snapshot is None:
+        return SimState(0, initial, store)
+    ledger = Ledger.restore(snapshot.history, snapshot.counters)
+    return SimState(snapshot.round, snapshot.server, store, ledger)
 
 
 def simulate(
@@ -64,8 +64,7 @@ def simulate(
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
 ) -> SimState:
     """Run rounds ``state.round + 1 … config.rounds``; ``on_round(record, round)`` after each."""
-    runtime = algorithm.runtime
-    dirty: set[int] = set(range(data.num_clients)) if state.round == 0 else set()
+    runtime, store = algorithm.runtime, state.clients
     while state.round < config.rounds:
         start = time.perf_counter()
         r = state.round + 1
@@ -74,9 +73,8 @@ def simulate(
         updates, trained, up = [], [], 0
         for c in plan.participants:  # a dropped client fails mid-round: nothing comes back
             rng = runtime.generator(streams.train_seed(config.seed, r, c))
-            update = algorithm.local_update(state.server, state.clients[c], data.clients[c], rng)
-            state.clients[c] = update.state
-            dirty.add(c)
+            update = algorithm.local_update(state.server, store.get(c), data.clients[c], rng)
+            store.put(c, update.state)
             updates.append((update.payload, update.num_examples))
             trained.append((update.metrics, update.num_examples))
             up += payload_bytes(update.payload)
@@ -87,11 +85,11 @@ def simulate(
             evaluations = [
                 algorithm.evaluate(
                     state.server,
-                    state.clients[c],
+                    store.get(c),
                     data.clients[c],
                     runtime.generator(streams.eval_seed(config.seed, r, c)),
                 )
-                for c in range(data.num_clients)
+                for c in rounds.evaluated_clients(config, r, data.num_clients)
             ]
         record = state.ledger.close(
             r,
@@ -100,13 +98,13 @@ def simulate(
             traffic=Traffic(up, down, up, down),
             seconds=time.perf_counter() - start,
             evaluations=evaluations,
-            evaluation_download=payload_bytes(state.server) * data.num_clients * bool(evaluations),
+            evaluation_download=payload_bytes(state.server) * len(evaluations or ()),
         )
         if checkpointer is not None and (
             r == config.rounds or (config.checkpoint_every and r % config.checkpoint_every == 0)
         ):
-            checkpointer.save(state.snapshot(), dirty)
-            dirty = set()
+            history = [rec.to_json() for rec in state.ledger.history]
+            checkpointer.save(r, state.server, history, state.ledger.counters())
         if on_round is not None:
             on_round(record, r)
     return state

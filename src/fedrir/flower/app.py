@@ -127,7 +127,7 @@ def _state(context: Context, algorithm: Algorithm, partition: int) -> State:
     """The client's private state: kept in ``context.state``, or its seeded initial state."""
     if STATE in context.state.array_records:
         return from_record(context.state.array_records[STATE], algorithm.runtime.device)
-    return rounds.initial_client(algorithm, partition)
+    return rounds.initial_client(algorithm, partition, rounds.initial_server(algorithm))
 
 
 def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
