@@ -5,6 +5,7 @@ from __future__ import annotations
 from fedrir.algorithms.apfl import APFL
 from fedrir.algorithms.base import Algorithm
 from fedrir.algorithms.ditto import Ditto
+from fedrir.algorithms.fedala import FedALA
 from fedrir.algorithms.fedavg import FedAvg
 from fedrir.algorithms.fedavg_ft import FedAvgFT
 from fedrir.algorithms.fedbabu import FedBABU
@@ -34,6 +35,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         APFL,
         FedBN,
         FedRoD,
+        FedALA,
     )
 }
 
