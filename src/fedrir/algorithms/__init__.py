@@ -10,6 +10,7 @@ from fedrir.algorithms.fedavg import FedAvg
 from fedrir.algorithms.fedavg_ft import FedAvgFT
 from fedrir.algorithms.fedbabu import FedBABU
 from fedrir.algorithms.fedbn import FedBN
+from fedrir.algorithms.feddbe import FedDBE
 from fedrir.algorithms.fedper import FedPer
 from fedrir.algorithms.fedprox import FedProx
 from fedrir.algorithms.fedrep import FedRep
@@ -36,6 +37,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedBN,
         FedRoD,
         FedALA,
+        FedDBE,
     )
 }
 
