@@ -27,7 +27,7 @@ SHAPE = (1, 16, 16)
 TASK = Task(input_shape=SHAPE, num_classes=10)
 CPU = Runtime(device=torch.device("cpu"))
 # FedRIR and the modern baselines (state and uploads beyond workspace prefixes) are tested apart
-TESTED_ELSEWHERE = {"fedrir", "fedala", "feddbe"}  # test_modern_baselines_a.py
+TESTED_ELSEWHERE = {"fedrir", "fedala", "feddbe", "fedproto"}  # test_modern_baselines_a.py
 BASELINES = [name for name in ALGORITHMS if name not in TESTED_ELSEWHERE]
 ROUNDS = 4
 

@@ -12,6 +12,7 @@ from fedrir.algorithms.fedbabu import FedBABU
 from fedrir.algorithms.fedbn import FedBN
 from fedrir.algorithms.feddbe import FedDBE
 from fedrir.algorithms.fedper import FedPer
+from fedrir.algorithms.fedproto import FedProto
 from fedrir.algorithms.fedprox import FedProx
 from fedrir.algorithms.fedrep import FedRep
 from fedrir.algorithms.fedrir import FedRIR
@@ -38,6 +39,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedRoD,
         FedALA,
         FedDBE,
+        FedProto,
     )
 }
 
