@@ -148,6 +148,21 @@ class BaselineConfig:
     """Ditto: pull of the personal model towards the global one."""
     apfl_alpha: float = 0.5
     """APFL: initial mixing weight of the personal model (then learned)."""
+    ala_eta: float = 1.0
+    """FedALA: learning rate of the element-wise aggregation weights (PFLlib ``--eta``)."""
+    ala_rand_percent: int = 80
+    """FedALA: share (%) of the local training data the weights are learned on (PFLlib
+    ``--rand_percent``)."""
+    ala_layer_idx: int = 2
+    """FedALA: how many of the model's last parameter tensors are aggregated adaptively (0: all;
+    2: the head's weight and bias; PFLlib ``--layer_idx``)."""
+    dbe_momentum: float = 1.0
+    """FedDBE: momentum of the running mean of local representations (1: the batch mean; the
+    authors' run script, ``-mo 1``)."""
+    dbe_kappa: float = 50.0
+    """FedDBE: weight κ of the mean regularizer (the authors' run script, ``-klw 50``)."""
+    proto_lambda: float = 1.0
+    """FedProto: weight λ of the distance to the global prototypes (PFLlib ``--lamda``)."""
 
     def __post_init__(self) -> None:
         _check(_finite_nonneg(self.prox_mu), "prox_mu", "must be a number >= 0")
@@ -155,6 +170,12 @@ class BaselineConfig:
         _check(self.head_epochs >= 1, "head_epochs", "must be >= 1")
         _check(_finite_nonneg(self.ditto_lambda), "ditto_lambda", "must be a number >= 0")
         _check(0 <= self.apfl_alpha <= 1, "apfl_alpha", "must be in [0, 1]")
+        _check(_finite_nonneg(self.ala_eta), "ala_eta", "must be a number >= 0")
+        _check(1 <= self.ala_rand_percent <= 100, "ala_rand_percent", "must be in 1…100")
+        _check(self.ala_layer_idx >= 0, "ala_layer_idx", "must be >= 0 (0 = every layer)")
+        _check(0 < self.dbe_momentum <= 1, "dbe_momentum", "must be in (0, 1]")
+        _check(_finite_nonneg(self.dbe_kappa), "dbe_kappa", "must be a number >= 0")
+        _check(_finite_nonneg(self.proto_lambda), "proto_lambda", "must be a number >= 0")
 
 
 ENGINES = ("sim", "flower")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from fedrir.algorithms.apfl import APFL
 from fedrir.algorithms.base import Algorithm
 from fedrir.algorithms.ditto import Ditto
+from fedrir.algorithms.fedala import FedALA
 from fedrir.algorithms.fedavg import FedAvg
 from fedrir.algorithms.fedavg_ft import FedAvgFT
 from fedrir.algorithms.fedbabu import FedBABU
 from fedrir.algorithms.fedbn import FedBN
+from fedrir.algorithms.feddbe import FedDBE
 from fedrir.algorithms.fedper import FedPer
+from fedrir.algorithms.fedproto import FedProto
 from fedrir.algorithms.fedprox import FedProx
 from fedrir.algorithms.fedrep import FedRep
 from fedrir.algorithms.fedrir import FedRIR
@@ -34,6 +37,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         APFL,
         FedBN,
         FedRoD,
+        FedALA,
+        FedDBE,
+        FedProto,
     )
 }
 
