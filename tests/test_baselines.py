@@ -26,7 +26,8 @@ from fedrir.engine.simulator import SimState, initial_state, simulate
 SHAPE = (1, 16, 16)
 TASK = Task(input_shape=SHAPE, num_classes=10)
 CPU = Runtime(device=torch.device("cpu"))
-BASELINES = [name for name in ALGORITHMS if name != "fedrir"]
+MODERN = ("fedcp", "gpfl", "fedas")  # tested in test_modern_baselines_b.py
+BASELINES = [name for name in ALGORITHMS if name != "fedrir" and name not in MODERN]
 ROUNDS = 4
 
 

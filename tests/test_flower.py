@@ -298,7 +298,7 @@ def test_fedrir_run_hands_the_flower_engine_to_run_flower(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedrir", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["fedrir", "fedavg", "fedcp", "gpfl", "fedas"])
 def test_flower_simulation_matches_in_process(tmp_path: Path, algorithm: str) -> None:
     import ray
 

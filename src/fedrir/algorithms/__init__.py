@@ -5,15 +5,18 @@ from __future__ import annotations
 from fedrir.algorithms.apfl import APFL
 from fedrir.algorithms.base import Algorithm
 from fedrir.algorithms.ditto import Ditto
+from fedrir.algorithms.fedas import FedAS
 from fedrir.algorithms.fedavg import FedAvg
 from fedrir.algorithms.fedavg_ft import FedAvgFT
 from fedrir.algorithms.fedbabu import FedBABU
 from fedrir.algorithms.fedbn import FedBN
+from fedrir.algorithms.fedcp import FedCP
 from fedrir.algorithms.fedper import FedPer
 from fedrir.algorithms.fedprox import FedProx
 from fedrir.algorithms.fedrep import FedRep
 from fedrir.algorithms.fedrir import FedRIR
 from fedrir.algorithms.fedrod import FedRoD
+from fedrir.algorithms.gpfl import GPFL
 from fedrir.algorithms.lgfedavg import LGFedAvg
 from fedrir.algorithms.local import Local
 from fedrir.errors import ConfigError
@@ -34,6 +37,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         APFL,
         FedBN,
         FedRoD,
+        FedCP,
+        GPFL,
+        FedAS,
     )
 }
 
