@@ -29,7 +29,8 @@ SHAPE = (1, 16, 16)
 TASK = Task(input_shape=SHAPE, num_classes=10)
 CPU = Runtime(device=torch.device("cpu"))
 # FedRIR and the modern baselines (state and uploads beyond workspace prefixes) are tested apart
-TESTED_ELSEWHERE = {"fedrir", "fedala", "feddbe", "fedproto"}  # test_modern_baselines_a.py
+TESTED_ELSEWHERE = {"fedrir"} | {"fedala", "feddbe", "fedproto"} | {"fedcp", "gpfl", "fedas"}
+"""test_fedrir.py, test_modern_baselines_a.py, test_modern_baselines_b.py"""
 BASELINES = [name for name in ALGORITHMS if name not in TESTED_ELSEWHERE]
 ROUNDS = 4
 

@@ -298,7 +298,9 @@ def test_fedrir_run_hands_the_flower_engine_to_run_flower(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedrir", "fedavg", "fedala", "feddbe", "fedproto"])
+@pytest.mark.parametrize(
+    "algorithm", ["fedrir", "fedavg", "fedala", "feddbe", "fedproto", "fedcp", "gpfl", "fedas"]
+)
 def test_flower_simulation_matches_in_process(tmp_path: Path, algorithm: str) -> None:
     import ray
 

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 import fedrir
 from fedrir.algorithms import ALGORITHMS
 from fedrir.algorithms.base import Algorithm, Payload, Runtime, Task, payload_bytes
+from fedrir.algorithms.baseline import Classifier
 from fedrir.algorithms.feddbe import mean_regularizer
-from fedrir.algorithms.supervised import Classifier
-from fedrir.api import prepare
 from fedrir.compare import compare, run_dir
 from fedrir.config import Config, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.errors import ConfigError
 from fedrir.results import RoundRecord, read_metrics
+from fedrir.runs import prepare
 
 NAMES = ["fedala", "feddbe", "fedproto"]
 ROUNDS = 5
@@ -125,7 +125,9 @@ def test_fedala_uploads_the_model_and_keeps_the_adaptive_layers_and_their_weight
     algo = make("fedala", data)
     server = algo.init_server(1)
     assert set(server) == ALL
-    assert algo.init_client(0, 2) == {}  # no local model before the first participation
+    assert (
+        algo.init_client(2, algo.init_server(0)) == {}
+    )  # no local model before the first participation
     first = algo.local_update(server, {}, client, rng(0))
     assert set(first.payload) == ALL and first.num_examples == client.num_train
     assert set(first.state) == {f"model/{k}" for k in HEAD} | opt_keys("local", PARAMS)
@@ -150,7 +152,7 @@ def test_feddbe_uploads_the_model_and_its_running_mean_until_the_global_mean_is_
     algo = make("feddbe", data)
     server = algo.init_server(1)
     assert set(server) == ALL
-    start = algo.init_client(0, 2)
+    start = algo.init_client(2, algo.init_server(0))
     assert set(start) == {"model/prbm"} and torch.equal(start["model/prbm"], torch.zeros(D))
     first = algo.local_update(server, start, client, rng(0))
     assert set(first.payload) == ALL | {"running_mean"}
@@ -172,8 +174,11 @@ def test_fedproto_sends_prototypes_and_keeps_the_whole_model(
     server = algo.init_server(1)
     assert set(server) == {"protos", "counts"}
     assert server["protos"].shape == (K, D) and not server["counts"].any()
-    a, b = algo.init_client(0, 2), algo.init_client(1, 3)
-    assert model_keys(a) == ALL and all(torch.equal(a[k], b[k]) for k in a)  # one common init
+    a, b = algo.init_client(2, server), algo.init_client(3, server)
+    # each client's model from its own seed (no model travels, so there is none to copy)
+    assert model_keys(a) == ALL and not torch.equal(
+        a["model/body.fc.weight"], b["model/body.fc.weight"]
+    )
     update = algo.local_update(server, a, client, rng(0))
     assert set(update.payload) == {"protos", "counts"}
     assert set(update.state) == {f"model/{k}" for k in ALL} | opt_keys("local", PARAMS)
@@ -241,7 +246,7 @@ def test_feddbe_running_mean_and_global_mean(data: FederatedData, client: Client
     global mean is the sample-weighted mean of the running means, set once and then kept."""
     algo = make("feddbe", data, batch_size=1000)
     server = algo.init_server(1)
-    update = algo.local_update(server, algo.init_client(0, 2), client, rng(0))
+    update = algo.local_update(server, algo.init_client(2, algo.init_server(0)), client, rng(0))
     model = Classifier(data.input_shape, D, K)
     model.load_state_dict(server)
     expected = train_features(model, client.train_x).mean(0)
@@ -266,7 +271,7 @@ def test_feddbe_regularizer_weight_changes_training(
     for kappa in (0.0, 50.0):
         algo = make("feddbe", data, dbe_kappa=kappa)
         server = algo.init_server(1)
-        first = algo.local_update(server, algo.init_client(0, 2), client, rng(0))
+        first = algo.local_update(server, algo.init_client(2, algo.init_server(0)), client, rng(0))
         server = algo.aggregate(server, [(first.payload, first.num_examples)])
         bodies.append(algo.local_update(server, first.state, client, rng(1)).payload)
     assert not torch.equal(bodies[0]["body.fc.weight"], bodies[1]["body.fc.weight"])
@@ -295,7 +300,7 @@ def test_fedproto_local_prototypes_are_the_class_means_of_training_features(
     data: FederatedData, client: ClientData
 ) -> None:
     algo = make("fedproto", data, batch_size=1000)  # one batch: features of the initial model
-    start = algo.init_client(0, 2)
+    start = algo.init_client(2, algo.init_server(0))
     update = algo.local_update(algo.init_server(1), start, client, rng(0))
     model = Classifier(data.input_shape, D, K)
     model.load_state_dict({k.removeprefix("model/"): v for k, v in start.items()})
@@ -314,32 +319,32 @@ def test_fedproto_predicts_the_nearest_global_prototype(
     data: FederatedData, client: ClientData
 ) -> None:
     algo = make("fedproto", data)
-    state = algo.init_client(0, 2)
+    state = algo.init_client(2, algo.init_server(0))
     # before any prototype every class scores alike: loss log K, every prediction class 0
     none = algo.evaluate(algo.init_server(1), state, client, rng(0))
-    assert none.loss_sum == pytest.approx(client.num_test * math.log(K))
-    assert none.correct == int((client.test_y == 0).sum())
+    assert none.loss_sum == pytest.approx(client.num_eval * math.log(K))
+    assert none.correct == int((client.eval_y == 0).sum())
     # prototypes for two of the client's three classes (their mean test features) and for one
     # class it lacks (a random vector); none for its third class
     model = Classifier(data.input_shape, D, K)
     model.load_state_dict({k.removeprefix("model/"): v for k, v in state.items()})
     model.eval()
     with torch.no_grad():
-        features = model.body(client.test_x)
+        features = model.body(client.eval_x)
     mine = sorted(set(client.train_y.tolist()))
     known = [*mine[:2], next(c for c in range(K) if c not in mine)]
     protos = torch.zeros(K, D)
-    protos[known[:2]] = torch.stack([features[client.test_y == c].mean(0) for c in known[:2]])
+    protos[known[:2]] = torch.stack([features[client.eval_y == c].mean(0) for c in known[:2]])
     protos[known[2]] = torch.randn(D, generator=torch.Generator().manual_seed(3))
     counts = torch.zeros(K, dtype=torch.int64)
     counts[known] = 1
     result = algo.evaluate({"protos": protos, "counts": counts}, state, client, rng(0))
     dist = ((features[:, None, :] - protos[known][None]) ** 2).mean(-1)
     predicted = torch.tensor(known)[dist.argmin(1)]
-    assert result.correct == int((predicted == client.test_y).sum())
+    assert result.correct == int((predicted == client.eval_y).sum())
     assert result.correct > 0
     # a test sample of the class without a prototype cannot be predicted: its loss is infinite
-    assert (client.test_y == mine[2]).any() and math.isinf(result.loss_sum)
+    assert (client.eval_y == mine[2]).any() and math.isinf(result.loss_sum)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -163,6 +163,19 @@ class BaselineConfig:
     """FedDBE: weight κ of the mean regularizer (the authors' run script, ``-klw 50``)."""
     proto_lambda: float = 1.0
     """FedProto: weight λ of the distance to the global prototypes (PFLlib ``--lamda``)."""
+    cp_lambda: float = 5.0
+    """FedCP: weight of the MMD between the features of the trained and the received extractor
+    (the authors' value for the 4-layer CNN, TsingZ0/FedCP ``run_me.sh``)."""
+    gpfl_lambda: float = 0.01
+    """GPFL: weight of the magnitude regularizer ‖f_G − e_y‖ (TsingZ0/GPFL ``run_me.sh``, CNN)."""
+    gpfl_mu: float = 0.1
+    """GPFL: L2 weight on the GCE and CoV parameters (TsingZ0/GPFL ``run_me.sh``, CNN)."""
+    as_align_lr: float = 0.01
+    """FedAS: SGD learning rate of the parameter alignment (PFLlib ``clientas.py``)."""
+    as_align_epochs: int = 1
+    """FedAS: epochs of parameter alignment per round; 0 turns the alignment off."""
+    as_align_batch_size: int = 16
+    """FedAS: batch size of the parameter alignment (PFLlib ``clientas.py``)."""
 
     def __post_init__(self) -> None:
         _check(_finite_nonneg(self.prox_mu), "prox_mu", "must be a number >= 0")
@@ -176,6 +189,16 @@ class BaselineConfig:
         _check(0 < self.dbe_momentum <= 1, "dbe_momentum", "must be in (0, 1]")
         _check(_finite_nonneg(self.dbe_kappa), "dbe_kappa", "must be a number >= 0")
         _check(_finite_nonneg(self.proto_lambda), "proto_lambda", "must be a number >= 0")
+        _check(_finite_nonneg(self.cp_lambda), "cp_lambda", "must be a number >= 0")
+        _check(_finite_nonneg(self.gpfl_lambda), "gpfl_lambda", "must be a number >= 0")
+        _check(_finite_nonneg(self.gpfl_mu), "gpfl_mu", "must be a number >= 0")
+        _check(
+            self.as_align_lr > 0 and math.isfinite(self.as_align_lr),
+            "as_align_lr",
+            "must be a positive number",
+        )
+        _check(self.as_align_epochs >= 0, "as_align_epochs", "must be >= 0 (0: no alignment)")
+        _check(self.as_align_batch_size >= 1, "as_align_batch_size", "must be >= 1")
 
 
 ENGINES = ("sim", "flower")

@@ -6,10 +6,12 @@ from fedrir.algorithms.apfl import APFL
 from fedrir.algorithms.base import Algorithm
 from fedrir.algorithms.ditto import Ditto
 from fedrir.algorithms.fedala import FedALA
+from fedrir.algorithms.fedas import FedAS
 from fedrir.algorithms.fedavg import FedAvg
 from fedrir.algorithms.fedavg_ft import FedAvgFT
 from fedrir.algorithms.fedbabu import FedBABU
 from fedrir.algorithms.fedbn import FedBN
+from fedrir.algorithms.fedcp import FedCP
 from fedrir.algorithms.feddbe import FedDBE
 from fedrir.algorithms.fedper import FedPer
 from fedrir.algorithms.fedproto import FedProto
@@ -17,6 +19,7 @@ from fedrir.algorithms.fedprox import FedProx
 from fedrir.algorithms.fedrep import FedRep
 from fedrir.algorithms.fedrir import FedRIR
 from fedrir.algorithms.fedrod import FedRoD
+from fedrir.algorithms.gpfl import GPFL
 from fedrir.algorithms.lgfedavg import LGFedAvg
 from fedrir.algorithms.local import Local
 from fedrir.errors import ConfigError
@@ -40,6 +43,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedALA,
         FedDBE,
         FedProto,
+        FedCP,
+        GPFL,
+        FedAS,
     )
 }
 

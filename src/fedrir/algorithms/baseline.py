@@ -71,6 +71,11 @@ def proximal_term(
     return weight / 2 * torch.stack(squares).sum()
 
 
+def scored(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a training step reports: its loss, and its batch's correct predictions."""
+    return {"train_loss": loss.detach(), "correct": (logits.argmax(dim=1) == y).sum()}
+
+
 def cross_entropy(penalty: Callable[[], torch.Tensor] | None = None) -> Objective:
     """The usual objective: CE of the logits (plus ``penalty()``, not reported as the loss)."""
 
@@ -199,7 +204,7 @@ class Baseline(Algorithm):
             total.backward()
             for opt in opts:
                 opt.step()
-            return {"train_loss": loss.detach(), "correct": (logits.argmax(dim=1) == y).sum()}
+            return scored(loss, logits, y)
 
         return step
 

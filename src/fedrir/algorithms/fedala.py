@@ -37,18 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedrir.algorithms.base import (
-    Evaluation,
-    Payload,
-    Runtime,
-    State,
-    Task,
-    evaluate_predictions,
-    load_module_state,
-    load_optimizer_state,
-    module_state,
-)
-from fedrir.algorithms.supervised import Supervised
+from fedrir.algorithms.base import Evaluation, Payload, Runtime, State, Task, evaluate_predictions
+from fedrir.algorithms.baseline import Baseline
+from fedrir.algorithms.workspace import load_module_state, load_optimizer_state, module_state
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
@@ -59,7 +50,7 @@ LOSS_STD_THRESHOLD = 0.1
 MAX_START_EPOCHS = 100
 
 
-class FedALA(Supervised):
+class FedALA(Baseline):
     """FedAvg whose clients mix the global model into theirs with learned element-wise weights."""
 
     name = "fedala"
@@ -67,7 +58,7 @@ class FedALA(Supervised):
 
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
         super().__init__(config, task, runtime)
-        names = list(self.params)
+        names = list(self.workspace.params)
         k = config.baselines.ala_layer_idx
         if k > len(names):
             raise ConfigError(
@@ -85,7 +76,7 @@ class FedALA(Supervised):
         """The global model into the workspace; the local tensors and weights set aside."""
         load_module_state(self.modules, payload, "")
         for name, opt in self.optimizers.items():
-            load_optimizer_state(opt, self.params, state, f"opt_{name}/")
+            load_optimizer_state(opt, self.workspace.params, state, f"opt_{name}/")
         trained = f"model/{self.adaptive[0]}" in state
         self.local = {n: state[f"model/{n}"] for n in self.adaptive} if trained else None
         learned = f"ala/{self.adaptive[0]}" in state
@@ -99,8 +90,11 @@ class FedALA(Supervised):
 
     def parameter_counts(self) -> dict[str, int]:
         """Shared: the whole model. Private: the adaptive tensors' local copy and their weights."""
-        adaptive = sum(self.params[n].numel() for n in self.adaptive)
-        return {"shared": sum(p.numel() for p in self.params.values()), "private": 2 * adaptive}
+        adaptive = sum(self.workspace.params[n].numel() for n in self.adaptive)
+        return {
+            "shared": sum(p.numel() for p in self.workspace.params.values()),
+            "private": 2 * adaptive,
+        }
 
     # --- adaptive local aggregation -----------------------------------------------------------
 
@@ -112,13 +106,13 @@ class FedALA(Supervised):
         if self.local is None:
             return
         local = self.local
-        delta = {n: self.params[n].detach() - local[n] for n in self.adaptive}
+        delta = {n: self.workspace.params[n].detach() - local[n] for n in self.adaptive}
         start_phase = self.weights is None
         before = self.weights or {n: torch.ones_like(local[n]) for n in self.adaptive}
         weights = {n: before[n].clone() for n in self.adaptive}
         for w in weights.values():
             w.requires_grad_()
-        fixed = {n: p.detach() for n, p in self.params.items() if n not in delta}
+        fixed = {n: p.detach() for n, p in self.workspace.params.items() if n not in delta}
         buffers = {k: b.clone() for k, b in self.modules.named_buffers()}
         size = max(1, data.num_train * self.config.baselines.ala_rand_percent // 100)
         start = torch.randint(data.num_train - size + 1, (1,), generator=rng, device=rng.device)
@@ -144,7 +138,7 @@ class FedALA(Supervised):
         self.weights = {n: w.detach() for n, w in weights.items()}
         with torch.no_grad():
             for n in self.adaptive:
-                self.params[n].copy_(local[n] + delta[n] * self.weights[n])
+                self.workspace.params[n].copy_(local[n] + delta[n] * self.weights[n])
 
     # --- the contract -------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrir.algorithms.base import Payload, State, Update, weighted_mean
-from fedrir.algorithms.supervised import Classifier, Supervised
+from fedrir.algorithms.baseline import Baseline, Classifier, scored
 from fedrir.data.types import ClientData
 from fedrir.models.cnn import InputShape
 
@@ -59,7 +59,7 @@ class BiasedClassifier(Classifier):
         return self.head(self.body(x) + self.prbm)
 
 
-class FedDBE(Supervised):
+class FedDBE(Baseline):
     """FedAvg with a personal representation bias and a pull towards the global feature mean."""
 
     name = "feddbe"
@@ -90,7 +90,7 @@ class FedDBE(Supervised):
         running = torch.zeros(self.config.train.embed_dim, device=self.runtime.device)
         opts = (self.optimizers["local"], self.optimizers["prbm"])
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             nonlocal running
             with self.runtime.autocast():
                 features = model.body(x)
@@ -106,7 +106,7 @@ class FedDBE(Supervised):
             total.backward()
             for opt in opts:  # the PRBM has no gradient (so is not stepped) without DBE
                 opt.step()
-            return loss.detach(), logits.detach()
+            return scored(loss, logits, y)
 
         metrics = self._fit(data, rng, self.config.train.local_epochs, step)
         self.running_mean = running.detach()

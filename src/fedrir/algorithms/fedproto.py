@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from fedrir.algorithms.base import Payload, State, Update
-from fedrir.algorithms.supervised import Classifier, Supervised
+from fedrir.algorithms.baseline import Baseline, Classifier, scored
 from fedrir.data.types import ClientData
-from fedrir.engine import rounds
 
 PROTOS, COUNTS = "protos", "counts"
 
@@ -55,7 +54,7 @@ def aggregate_prototypes(server: Payload, uploads: Sequence[Payload]) -> Payload
     }
 
 
-class FedProto(Supervised):
+class FedProto(Baseline):
     """Personal models that share class prototypes instead of weights."""
 
     name = "fedproto"
@@ -66,9 +65,10 @@ class FedProto(Supervised):
         k, d = self.task.num_classes, self.config.train.embed_dim
         return {PROTOS: torch.zeros(k, d), COUNTS: torch.zeros(k, dtype=torch.int64)}
 
-    def init_client(self, client_id: int, seed: int) -> State:
-        """The same initial model on every client (PFLlib's deep copies of one model)."""
-        return super().init_client(client_id, rounds.server_seed(self.config))
+    def init_client(self, seed: int, initial: Payload) -> State:
+        """Each client's model from its own seed: nothing of a model travels, so there is no
+        common initial model to copy (PFLlib deep-copies one model into every client)."""
+        return super().init_client(seed, initial)
 
     def _load(self, payload: Payload, state: State) -> None:
         self.protos = payload[PROTOS].to(self.runtime.device)
@@ -86,7 +86,7 @@ class FedProto(Supervised):
         sums = torch.zeros(k, d, device=dev)
         counts = torch.zeros(k, dtype=torch.int64, device=dev)
 
-        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.runtime.autocast():
                 features = model.body(x)
                 logits = model.head(features).float()
@@ -100,7 +100,7 @@ class FedProto(Supervised):
             self.optimizers["local"].step()
             sums.index_add_(0, y, features.detach())
             counts.add_(torch.bincount(y, minlength=k))
-            return loss.detach(), logits.detach()
+            return scored(loss, logits, y)
 
         metrics = self._fit(data, rng, self.config.train.local_epochs, step)
         self.upload = {PROTOS: sums / counts.clamp(min=1)[:, None], COUNTS: counts}
