@@ -246,7 +246,7 @@ def test_an_existing_flower_run_is_refused_before_flower_starts(tmp_path: Path) 
     out = tmp_path / "run"
     fedrir.run(small(tmp_path, rounds=1), out=out)
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(FedrirError, match="already holds a run; delete it, or pick another"):
+    with pytest.raises(FedrirError, match="already holds a run; continue it with --resume"):
         fedrir.run(small(tmp_path, rounds=1, engine="flower"), out=out)
     assert (out / "metrics.jsonl").read_text() == before
 

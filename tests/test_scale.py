@@ -69,6 +69,7 @@ def test_only_clients_that_trained_have_files_and_evaluation_samples(tmp_path: P
     # intermediate rounds evaluate a seeded sample; the last every client
     assert [r.evaluated for r in result.history] == [5, 5, 30]
     assert [len(r.client_accuracies) for r in result.history] == [5, 5, 30]
+    assert list(result.history[-1].client_accuracies) == [str(c) for c in range(30)]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["evaluated"] for r in rows] == [5, 5, 30]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedrir.algorithms.base import State
-from fedrir.engine.store import ClientStore, state_bytes
+from fedrir.engine.store import ClientStore, NodeStore, state_bytes
 from fedrir.errors import ConfigError, FedrirError
 
 CPU = torch.device("cpu")
@@ -300,3 +300,27 @@ def test_state_bytes_and_negative_budget() -> None:
     assert state_bytes(initial(0)) == STATE_BYTES
     with pytest.raises(ConfigError, match="set it to 0 or more"):
         ClientStore(Path("unused"), -1, initial, CPU)
+
+
+# --- a Flower node's store ----------------------------------------------------------------------
+
+
+def test_node_store_files_are_named_by_client_and_round_and_read_back_exactly(
+    tmp_path: Path,
+) -> None:
+    node = NodeStore(tmp_path, 0, CPU)  # no cache: every load reads its file
+    first = trained(initial(3), torch.ones(3, 2))
+    name = node.save(3, 1, first)
+    assert name == "client3.r1.safetensors" and (tmp_path / name).exists()
+    again = NodeStore(tmp_path, 1 << 20, CPU).load(3, name)  # another process of the node
+    assert all(bits(again[k]) == bits(first[k]) and again[k].dtype == first[k].dtype for k in first)
+    # prune keeps what the server named and the newest file, and only touches this client
+    second = node.save(3, 2, trained(first, torch.zeros(3, 2)))
+    third = node.save(3, 3, trained(first, torch.ones(3, 2)))
+    other = node.save(4, 1, initial(4))
+    node.prune(3, {name, third})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, third, other])
+    with pytest.raises(FedrirError, match=r"client 3's state file .* unusable"):
+        node.load(3, second)
+    with pytest.raises(FedrirError, match="not one of its state files"):
+        node.load(3, other)

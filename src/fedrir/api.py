@@ -18,14 +18,14 @@ from fedrir import runs
 from fedrir.algorithms.base import Algorithm
 from fedrir.config import Config, load_config, run_identity
 from fedrir.data.types import FederatedData
-from fedrir.engine.checkpoint import Checkpointer, Snapshot, load_snapshot
+from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.runtime import torch_threads
 from fedrir.engine.simulator import SimState, open_state, simulate
 from fedrir.errors import FedrirError
 from fedrir.flower import runner
 from fedrir.progress import Progress
 from fedrir.results import RoundRecord
-from fedrir.runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunResult
+from fedrir.runs import CHECKPOINT_DIR, CONFIG_FILE, RunResult
 
 OnRound = Callable[[RoundRecord | None, int], None]
 """Called after every round with its record (None when it was not evaluated) and its number."""
@@ -40,8 +40,7 @@ def _execute(
     if out is not None:
         runs.make_out_dir(out)
         if resuming:
-            snapshot = load_snapshot(out / CHECKPOINT_DIR, run_identity(config))
-            _check_resumable(out, snapshot, config)
+            snapshot = runs.resume_point(out, config)
     with contextlib.ExitStack() as scratch:
         # the store lives in the checkpoint folder (it is the checkpoint), else in a scratch one
         keep = out is not None and config.checkpoint_every > 0
@@ -51,7 +50,7 @@ def _execute(
             else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedrir-states-")))
         )
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
-        checkpointer = Checkpointer(folder, run_identity(config), state.clients) if keep else None
+        checkpointer = Checkpointer(folder, run_identity(config)) if keep else None
         return _loop(config, out, progress, on_round, wall, algorithm, data, state, checkpointer)
 
 
@@ -86,30 +85,6 @@ def _loop(
     return runs.finish_run(algorithm, state.ledger, out, wall, "sim")
 
 
-def _check_resumable(out: Path, snapshot: Snapshot | None, config: Config) -> None:
-    """Refuse a resume that would throw away rounds already run. A run killed before its first
-    checkpoint restarts from round 0 (deterministic: it rewrites the same rounds)."""
-    if snapshot is None:
-        if (
-            config.checkpoint_every == 0
-            and (out / METRICS_FILE).exists()
-            and (out / METRICS_FILE).stat().st_size > 0
-        ):
-            raise FedrirError(
-                f"{out} was run with checkpoint_every = 0 and has no checkpoint to resume from; "
-                "rerun it into another --out"
-            )
-        if (out / SUMMARY_FILE).exists():  # starting over would overwrite its results
-            raise FedrirError(
-                f"{out} is a finished run without its checkpoint/, so it cannot be continued; "
-                "rerun it with the rounds you want into another --out"
-            )
-    elif snapshot.round > config.rounds:
-        raise FedrirError(
-            f"{out} has already run {snapshot.round} rounds; resume with --rounds of at least that"
-        )
-
-
 def run(
     config: Config,
     out: str | Path | None = "auto",
@@ -142,7 +117,7 @@ def resume(
     config = load_config(path / CONFIG_FILE)
     if rounds is not None:
         config = dataclasses.replace(config, rounds=rounds)
-    if config.engine == "flower":
-        raise FedrirError("runs on the flower engine cannot be resumed here; rerun them")
     with torch_threads(config.threads):
+        if config.engine == "flower":
+            return runner.run_flower(config, path, progress, on_round, resume=True)
         return _execute(config, path, progress, True, on_round)

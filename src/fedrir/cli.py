@@ -35,18 +35,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--resume continues a run with its saved config.toml; only --rounds may be "
                 f"changed (got: {', '.join(typed)})"
             )
-        out, resumable = Path(args.resume), True
+        out = Path(args.resume)
     else:
         config = build_config(args)
-        out, resumable = new_out_dir(config, args.out or "auto"), config.engine != "flower"
+        out = new_out_dir(config, args.out or "auto")
     try:
         if args.resume is not None:
             result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)
         else:
             result = run(config, out, progress=not args.quiet)
     except KeyboardInterrupt:
-        fix = f"continue with: fedrir run --resume {out}" if resumable else f"delete {out}"
-        print(f"fedrir: interrupted; {fix}", file=sys.stderr)
+        print(f"fedrir: interrupted; continue with: fedrir run --resume {out}", file=sys.stderr)
         return 130
     print(format_summary(result.summary))
     if result.out_dir is not None:

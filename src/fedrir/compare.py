@@ -109,11 +109,6 @@ def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None
     """Run, continue, or (when finished before) skip one cell of the grid."""
     bar.start(config.algorithm, config.seed)
     if not (path / SUMMARY_FILE).exists():
-        if (path / CONFIG_FILE).exists() and config.engine == "flower":
-            raise FedrirError(
-                f"{path} is an unfinished run on the flower engine, which cannot be resumed; "
-                "delete that folder and rerun the compare to redo it"
-            )
 
         def on_round(record: RoundRecord | None, r: int) -> None:
             bar.ran(offset + r, record)

@@ -25,7 +25,8 @@ class RoundRecord:
     round: int
     accuracy: float
     loss: float
-    client_accuracies: list[float]
+    client_accuracies: dict[str, float]
+    """Each evaluated client's accuracy, keyed by its id."""
     client_accuracy_std: float
     participants: int
     selected: int
@@ -45,17 +46,19 @@ class RoundRecord:
         return asdict(self)
 
 
-def pooled(evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-    """Personalized accuracy Σ correct / Σ test samples, mean loss, and the per-client spread."""
-    correct = sum(e.correct for e in evaluations)
-    total = sum(e.total for e in evaluations)
-    accs = [e.accuracy for e in evaluations]
+def pooled(evaluations: Mapping[int, Evaluation]) -> dict[str, Any]:
+    """Personalized accuracy Σ correct / Σ test samples, mean loss, and the per-client spread;
+    each client's accuracy keyed by its id (as a string: JSON object keys), in id order."""
+    counts = [evaluations[c] for c in sorted(evaluations)]
+    correct = sum(e.correct for e in counts)
+    total = sum(e.total for e in counts)
+    accs = [e.accuracy for e in counts]
     mean = sum(accs) / len(accs)
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
     return {
         "accuracy": correct / total if total else 0.0,
-        "loss": sum(e.loss_sum for e in evaluations) / total if total else 0.0,
-        "client_accuracies": accs,
+        "loss": sum(e.loss_sum for e in counts) / total if total else 0.0,
+        "client_accuracies": {str(c): evaluations[c].accuracy for c in sorted(evaluations)},
         "client_accuracy_std": std,
     }
 

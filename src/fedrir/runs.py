@@ -19,9 +19,10 @@ from typing import Any
 
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, Task
-from fedrir.config import Config, config_to_toml
+from fedrir.config import Config, config_to_toml, run_identity
 from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
+from fedrir.engine.checkpoint import Snapshot, load_snapshot
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime
 from fedrir.errors import DataError, FedrirError
@@ -105,12 +106,9 @@ def new_out_dir(config: Config, out: str | Path) -> Path:
     path = default_out_dir(config) if out == "auto" else Path(out)
     check_out_dir(path)  # fail before loading data, not after
     if (path / CONFIG_FILE).exists():
-        fix = (
-            "delete it"
-            if config.engine == "flower"  # Flower runs cannot be resumed
-            else f"continue it with --resume {path}"
+        raise FedrirError(
+            f"{path} already holds a run; continue it with --resume {path}, or pick another --out"
         )
-        raise FedrirError(f"{path} already holds a run; {fix}, or pick another --out")
     if path.is_dir() and any(path.iterdir()):
         raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
     return path
@@ -122,6 +120,29 @@ def start_files(out: Path, config: Config, history: list[RoundRecord]) -> None:
     make_out_dir(out)
     atomic_write(out / CONFIG_FILE, config_to_toml(config))
     write_metrics(out / METRICS_FILE, history)
+
+
+def resume_point(out: Path, config: Config) -> Snapshot | None:
+    """The checkpoint a resume of the run in ``out`` continues from (None: start over, which is
+    deterministic), or one line on why it cannot be resumed."""
+    snapshot = load_snapshot(out / CHECKPOINT_DIR, run_identity(config))
+    if snapshot is None:
+        metrics = out / METRICS_FILE
+        if config.checkpoint_every == 0 and metrics.exists() and metrics.stat().st_size > 0:
+            raise FedrirError(
+                f"{out} was run with checkpoint_every = 0 and has no checkpoint to resume from; "
+                "rerun it into another --out"
+            )
+        if (out / SUMMARY_FILE).exists():  # starting over would overwrite its results
+            raise FedrirError(
+                f"{out} is a finished run without its checkpoint/, so it cannot be continued; "
+                "rerun it with the rounds you want into another --out"
+            )
+    elif snapshot.round > config.rounds:
+        raise FedrirError(
+            f"{out} has already run {snapshot.round} rounds; resume with --rounds of at least that"
+        )
+    return snapshot
 
 
 def record_round(out: Path, record: RoundRecord) -> None:

@@ -1,6 +1,7 @@
-"""Crash-safe checkpoints of a run: the server payload, the manifest, and the client store.
+"""Crash-safe checkpoints of a run: the server payload, and a manifest naming the clients' files.
 
-The clients' states live in the :class:`~fedrir.engine.store.ClientStore` in the same folder: a
+The clients' states live in their store's files (in-process: the
+:class:`~fedrir.engine.store.ClientStore` in the same folder; on Flower: each node's own folder): a
 checkpoint never copies them, it names their files. Tensors are safetensors files (no pickle on
 load); one ``manifest.json``, replaced atomically last, says which files make up the latest
 complete checkpoint. A crash at any moment leaves either the previous manifest (and its files,
@@ -23,7 +24,6 @@ from safetensors.torch import load_file, save_file
 
 from fedrir.algorithms.base import Payload
 from fedrir.engine.ledger import COUNTERS
-from fedrir.engine.store import ClientStore
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write
 
@@ -52,19 +52,23 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 class Checkpointer:
-    """Writes checkpoints into ``directory``, which the run's client store shares."""
+    """Writes checkpoints into ``directory``."""
 
-    def __init__(self, directory: Path, config_id: str, store: ClientStore) -> None:
+    def __init__(self, directory: Path, config_id: str) -> None:
         self.directory = directory
         self.config_id = config_id
-        self.store = store
+        directory.mkdir(parents=True, exist_ok=True)
 
     def save(
-        self, round_: int, server: Payload, history: list[dict[str, Any]], counters: dict[str, Any]
+        self,
+        round_: int,
+        server: Payload,
+        clients: Mapping[int, str],
+        history: list[dict[str, Any]],
+        counters: dict[str, Any],
     ) -> None:
-        """Flush the store, write the server payload, then the manifest naming them; then let go
-        of what the new manifest no longer names."""
-        clients = self.store.flush()
+        """Write the server payload, then the manifest naming it and the clients' files (which
+        must be durable already); then delete the server payload it superseded."""
         server_file = f"{SERVER_PREFIX}{round_}.safetensors"
         _save_tensors(self.directory / server_file, server)
         manifest = {
@@ -76,7 +80,6 @@ class Checkpointer:
             "counters": counters,
         }
         atomic_write(self.directory / MANIFEST, json.dumps(manifest))
-        self.store.commit(clients)
         for path in self.directory.iterdir():
             if path.name.startswith(SERVER_PREFIX) and path.name != server_file:
                 path.unlink(missing_ok=True)

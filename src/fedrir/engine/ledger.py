@@ -50,11 +50,12 @@ class Ledger:
         trained: Sequence[tuple[Mapping[str, float], int]],
         traffic: Traffic,
         seconds: float,
-        evaluations: Sequence[Evaluation] | None,
+        evaluations: Mapping[int, Evaluation] | None,
         evaluation_download: int = 0,
     ) -> RoundRecord | None:
         """Add round ``round_`` to the totals; its record if it was evaluated (``evaluations``:
-        every client's counts; ``evaluation_download``: the tensor bytes sent for them)."""
+        each evaluated client's counts by id; ``evaluation_download``: the tensor bytes sent for
+        them)."""
         for f in fields(Traffic):
             setattr(self, f.name, getattr(self, f.name) + getattr(traffic, f.name))
         self.bytes_evaluation_downloaded += evaluation_download

@@ -82,15 +82,15 @@ def simulate(
         state.round = r
         evaluations = None
         if rounds.is_eval_round(config, r):
-            evaluations = [
-                algorithm.evaluate(
+            evaluations = {
+                c: algorithm.evaluate(
                     state.server,
                     store.get(c),
                     data.clients[c],
                     runtime.generator(streams.eval_seed(config.seed, r, c)),
                 )
                 for c in rounds.evaluated_clients(config, r, data.num_clients)
-            ]
+            }
         record = state.ledger.close(
             r,
             selected=len(plan.selected),
@@ -104,7 +104,9 @@ def simulate(
             r == config.rounds or (config.checkpoint_every and r % config.checkpoint_every == 0)
         ):
             history = [rec.to_json() for rec in state.ledger.history]
-            checkpointer.save(r, state.server, history, state.ledger.counters())
+            files = store.flush()
+            checkpointer.save(r, state.server, files, history, state.ledger.counters())
+            store.commit(files)  # the manifest naming `files` is durable: older files can go
         if on_round is not None:
             on_round(record, r)
     return state

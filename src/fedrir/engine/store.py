@@ -17,9 +17,10 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,6 +53,56 @@ def state_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+K = TypeVar("K", int, str)
+
+
+class StateCache(Generic[K]):
+    """States by key, least recently used first, holding at most ``budget`` bytes; each state
+    pushed out goes to ``evicted`` (possibly the one just put: its caller still holds it)."""
+
+    def __init__(self, budget: int, evicted: Callable[[K, State], None]) -> None:
+        if budget < 0:
+            raise ConfigError(f"state cache budget is {budget} bytes; set it to 0 or more")
+        self.budget = budget
+        self.evicted: Callable[[K, State], None] = evicted
+        self._states: OrderedDict[K, State] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: K) -> State | None:
+        if key not in self._states:
+            return None
+        self._states.move_to_end(key)
+        return self._states[key]
+
+    def put(self, key: K, state: State) -> None:
+        if key in self._states:
+            self._bytes -= state_bytes(self._states.pop(key))
+        self._states[key] = state
+        self._bytes += state_bytes(state)
+        while self._bytes > self.budget:
+            victim, dropped = self._states.popitem(last=False)
+            self._bytes -= state_bytes(dropped)
+            self.evicted(victim, dropped)
+
+
+def write_state(path: Path, state: State) -> None:
+    """``state`` to ``path`` as safetensors, whole or not at all (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the names of files just renamed into ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ClientStore:
     """Every client's latest state: cached (LRU, at most ``budget_bytes``) or in its newest file,
     or, for a client that never had one, ``initial(client)`` (deterministic, so never written).
@@ -70,15 +121,11 @@ class ClientStore:
         """``committed`` is the client → file map of the last durable manifest (None for a new run).
         Any store file in ``directory`` that it does not name is from an interrupted round: deleted.
         """
-        if budget_bytes < 0:
-            raise ConfigError(f"state cache budget is {budget_bytes} bytes; set it to 0 or more")
         self.directory = directory
-        self.budget = budget_bytes
         self.initial = initial
         self.device = device
         self.stats = StoreStats()
-        self._cache: OrderedDict[int, State] = OrderedDict()  # least recently used first
-        self._cached_bytes = 0
+        self._cache: StateCache[int] = StateCache(budget_bytes, self._evicted)
         self._dirty: set[int] = set()
         self._latest: dict[int, str] = dict(committed or {})  # client → newest file
         self._pinned = set(self._latest.values())  # named by a durable or pending manifest
@@ -93,25 +140,27 @@ class ClientStore:
 
     def get(self, client: int) -> State:
         """The client's latest state, on ``device``."""
-        if client in self._cache:
+        state = self._cache.get(client)
+        if state is not None:
             self.stats.hits += 1
-            self._cache.move_to_end(client)
-            return self._cache[client]
+            return state
         self.stats.misses += 1
         name = self._latest.get(client)
         state = self.initial(client) if name is None else self._read(client, name)
-        self._insert(client, state)
+        self._cache.put(client, state)
         return state
 
     def put(self, client: int, state: State) -> None:
         """The client's new state; written at the next ``flush``, or earlier if evicted."""
         self._dirty.add(client)
-        self._insert(client, state)
+        self._cache.put(client, state)
 
     def flush(self) -> dict[int, str]:
         """Write every changed state; the complete client → file map for the next manifest."""
         for client in sorted(self._dirty):
-            self._write(client, self._cache[client])
+            state = self._cache.get(client)
+            assert state is not None, "a dirty state is cached until written"
+            self._write(client, state)
         self._dirty.clear()
         if self._unsynced:  # spills included: every name is durable before a manifest names it
             self._sync_directory()
@@ -127,31 +176,19 @@ class ClientStore:
         self._stale &= keep
         self._pinned = keep
 
-    def _insert(self, client: int, state: State) -> None:
-        """Cache ``state`` as most recent, then evict least recent states down to the budget
-        (possibly ``state`` itself: the caller still holds it)."""
-        if client in self._cache:
-            self._cached_bytes -= state_bytes(self._cache.pop(client))
-        self._cache[client] = state
-        self._cached_bytes += state_bytes(state)
-        while self._cached_bytes > self.budget:
-            victim, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= state_bytes(evicted)
-            if victim in self._dirty:
-                self._write(victim, evicted)
-                self._dirty.discard(victim)
-                self.stats.spills += 1
+    def _evicted(self, client: int, state: State) -> None:
+        """A state pushed out of the cache: written first if it changed (a spill)."""
+        if client in self._dirty:
+            self._write(client, state)
+            self._dirty.discard(client)
+            self.stats.spills += 1
 
     def _write(self, client: int, state: State) -> None:
         start = time.perf_counter()
         name = f"client{client}.s{self._seq:06d}.safetensors"
         self._seq += 1
         path = self.directory / name
-        tmp = path.with_name(f".{name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_state(path, state)
         self._unsynced = True
         previous = self._latest.get(client)
         self._latest[client] = name
@@ -192,9 +229,56 @@ class ClientStore:
         return FedrirError(f"client {client}'s state file {path} is unusable ({why}); {_DAMAGED}")
 
     def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(self.directory)
         self._unsynced = False
+
+
+class NodeStore:
+    """Clients' states where a Flower node keeps them: one file per client and round that trained
+    it (``client3.r7.safetensors``), named back to the server, which names the file to use in its
+    every message (so a restarted node or ServerApp picks up exactly the checkpointed state). A
+    byte-bounded LRU cache by file name sits in front: a name never changes content, so the cache
+    stays right whichever of a node's processes wrote the file."""
+
+    def __init__(self, directory: Path, budget_bytes: int, device: torch.device) -> None:
+        self.directory = directory
+        self.device = device
+        self._cache: StateCache[str] = StateCache(budget_bytes, lambda _, __: None)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, client: int, name: str) -> State:
+        """The state in file ``name`` (as the server named it for ``client``)."""
+        state = self._cache.get(name)
+        if state is None:
+            path = self.directory / name
+            if _node_file(client).fullmatch(name) is None:
+                raise FedrirError(f"client {client} was sent {name!r}, not one of its state files")
+            try:
+                state = {k: v.to(self.device) for k, v in load_file(str(path)).items()}
+            except (OSError, SafetensorError) as e:
+                why = "missing" if isinstance(e, FileNotFoundError) else str(e).partition("\n")[0]
+                raise FedrirError(
+                    f"client {client}'s state file {path} is unusable ({why}); the node's state "
+                    "folder is damaged or not the one this run wrote; restore it or start a new run"
+                ) from None
+            self._cache.put(name, state)
+        return state
+
+    def save(self, client: int, round_: int, state: State) -> str:
+        """Write ``client``'s state after ``round_`` durably; the file's name."""
+        name = f"client{client}.r{round_}.safetensors"
+        write_state(self.directory / name, state)
+        sync_directory(self.directory)
+        self._cache.put(name, state)
+        return name
+
+    def prune(self, client: int, keep: Collection[str]) -> None:
+        """Delete ``client``'s files but ``keep`` (the newest, and the one a checkpoint names)."""
+        pattern = _node_file(client)
+        for path in self.directory.iterdir():
+            if pattern.fullmatch(path.name) and path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+def _node_file(client: int) -> re.Pattern[str]:
+    return re.compile(rf"client{client}\.r\d+\.safetensors")

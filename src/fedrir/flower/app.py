@@ -2,25 +2,34 @@
 
 ``flwr run .`` (simulation or deployment) loads :data:`server_app` and :data:`client_app`, named in
 ``[tool.flwr.app.components]``. The fedrir configuration travels as Flower's run config: every
-config key by its flat name (``rounds``, ``clients``, ``mask_ratio``…), plus two settings of the
-app itself (:data:`APP_SETTINGS`). Each SuperNode holds one client, picked by its node config
+config key by its flat name (``rounds``, ``clients``, ``mask_ratio``…), plus settings of the app
+itself (:data:`APP_SETTINGS`). Each SuperNode holds one client, picked by its node config
 ``partition-id``; the split is the one the run config defines, so every node computes the same.
+
+A client's private state lives in files on its node (:class:`~fedrir.engine.store.NodeStore`, in
+the node config's ``state-dir``, else the run config's, else a folder named after the run's
+settings under the system's temporary folder), never in Flower's ``context.state``: every message
+names the file the client starts from (``state-file``, empty for its initial state), the client
+answers with the file it wrote, and the server's checkpoint names those files. So neither a node
+nor Flower's simulation grows with the rounds, and a restarted ServerApp or SuperNode continues
+from the checkpointed states.
 
 Messages:
 - ``query``: the server asks each node which client it holds (and the input shape and classes);
-- ``train``: payload + round → upload + sample count + training metrics; the client keeps its
-  private state in ``context.state`` across rounds;
-- ``evaluate``: payload + round → correct / total / loss sum on the client's local test set.
+- ``train``: payload + round + state file → upload + sample count + training metrics + new file;
+- ``evaluate``: payload + round + state file → correct / total / loss sum on its evaluation set.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -38,33 +47,42 @@ from flwr.serverapp import Grid, ServerApp
 from fedrir import runs, streams
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, State, Task
-from fedrir.config import KEYS, Config, flat_value, with_overrides
+from fedrir.config import KEYS, Config, flat_value, run_identity, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
+from fedrir.engine.checkpoint import Checkpointer
+from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime, torch_threads
+from fedrir.engine.store import NodeStore
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.flower.records import from_record, to_record
 from fedrir.flower.strategy import (
+    COMMITTED_FILE,
     CONFIG_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES,
     PAYLOAD_RECORD,
+    STATE_FILE,
     FedrirStrategy,
     error_reason,
 )
 from fedrir.results import RoundRecord
 from fedrir.runs import RunResult
 
-APP_SETTINGS: dict[str, UserConfigValue] = {"out-dir": "", "timeout": 600.0}
+APP_SETTINGS: dict[str, UserConfigValue] = {
+    "out-dir": "",
+    "timeout": 600.0,
+    "state-dir": "",
+    "resume": False,
+}
 """Run-config keys of the app, not of the fedrir config: where the ServerApp writes its files
-(empty: a new folder under ``runs/`` of its working directory), and how many seconds it waits
-for the SuperNodes to connect and for each round's replies."""
+(empty: a new folder under ``runs/`` of its working directory), how many seconds it waits for the
+SuperNodes to connect and for each round's replies, where clients keep their states (a node's own
+``state-dir`` in its node config comes first), and whether to continue the run in ``out-dir`` from
+its checkpoint."""
 
 RUN_KEYS = tuple(k for k in KEYS if k != "engine")
 """The fedrir keys in the run config (``engine`` is ``flower`` by definition here)."""
-
-STATE = "fedrir-state"
-"""Where a client keeps its private state in ``context.state``."""
 
 INFO_RECORD = "info"
 DROPPED_OUT = 100
@@ -123,15 +141,37 @@ def _client(context: Context, load: ConfigSource) -> tuple[Config, Algorithm, Cl
     return config, algorithm, data.clients[partition], partition
 
 
-def _state(context: Context, algorithm: Algorithm, partition: int) -> State:
-    """The client's private state: kept in ``context.state``, or its seeded initial state."""
-    if STATE in context.state.array_records:
-        return from_record(context.state.array_records[STATE], algorithm.runtime.device)
+@functools.lru_cache(maxsize=4)
+def _node_store(folder: Path, budget: int, device: str) -> NodeStore:
+    """One store per state folder and process, so its cache serves message after message."""
+    return NodeStore(folder, budget, torch.device(device))
+
+
+def _store(
+    context: Context, config: Config, algorithm: Algorithm, fallback: Path | None
+) -> NodeStore:
+    """The node's store: its node config's ``state-dir``, else the run config's, else
+    ``fallback``, else a folder named after the run's settings in the temporary folder."""
+    chosen = str(context.node_config.get("state-dir") or context.run_config.get("state-dir") or "")
+    folder = Path(chosen) if chosen else fallback
+    if folder is None:
+        folder = Path(tempfile.gettempdir()) / "fedrir-states" / run_identity(config)[:16]
+    return _node_store(folder, config.state_cache_mb * 2**20, str(algorithm.runtime.device))
+
+
+def _state(store: NodeStore, algorithm: Algorithm, partition: int, message: Message) -> State:
+    """The state the server named for this client, or its seeded initial state."""
+    name = str(message.content.config_records[CONFIG_RECORD][STATE_FILE])
+    if name:
+        return store.load(partition, name)
     return rounds.initial_client(algorithm, partition, rounds.initial_server(algorithm))
 
 
-def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
-    """The ClientApp; ``load`` reads the fedrir config from a node's context (its run config)."""
+def make_client_app(
+    load: ConfigSource = config_from_context, state_dir: Path | None = None
+) -> ClientApp:
+    """The ClientApp; ``load`` reads the fedrir config from a node's context (its run config);
+    ``state_dir`` is where clients keep their states unless the node or run config says."""
     app = ClientApp()
 
     @app.query()
@@ -169,13 +209,21 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
             message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
         )
         rng = algorithm.runtime.generator(streams.train_seed(config.seed, round_, partition))
-        update = algorithm.local_update(payload, _state(context, algorithm, partition), data, rng)
-        context.state[STATE] = to_record(update.state)
+        store = _store(context, config, algorithm, state_dir)
+        state = _state(store, algorithm, partition, message)
+        update = algorithm.local_update(payload, state, data, rng)
+        written = store.save(partition, round_, update.state)
+        named = message.content.config_records[CONFIG_RECORD]
+        store.prune(partition, {written, str(named[STATE_FILE]), str(named[COMMITTED_FILE])})
         metrics = MetricRecord({NUM_EXAMPLES: update.num_examples, **update.metrics})
-        return Message(
-            RecordDict({PAYLOAD_RECORD: to_record(update.payload), METRICS_RECORD: metrics}),
-            reply_to=message,
+        content = RecordDict(
+            {
+                PAYLOAD_RECORD: to_record(update.payload),
+                METRICS_RECORD: metrics,
+                CONFIG_RECORD: ConfigRecord({STATE_FILE: written}),
+            }
         )
+        return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
@@ -186,7 +234,8 @@ def make_client_app(load: ConfigSource = config_from_context) -> ClientApp:
         )
         rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
         with torch_threads(config.threads):
-            state = _state(context, algorithm, partition)
+            store = _store(context, config, algorithm, state_dir)
+            state = _state(store, algorithm, partition, message)
             ev = algorithm.evaluate(payload, state, data, rng)
         metrics = MetricRecord({"correct": ev.correct, "total": ev.total, "loss-sum": ev.loss_sum})
         return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
@@ -260,15 +309,28 @@ def serve(
     out: Path | None,
     timeout: float,
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
+    *,
+    resume: bool = False,
 ) -> RunResult:
-    """The whole run on the server side: connect, run the rounds, write the result files."""
+    """The whole run on the server side: connect, run the rounds (from the checkpoint in ``out``
+    when resuming), write the result files and a checkpoint as the in-process engine does."""
     wall = time.perf_counter()
-    if out is not None:
-        runs.new_out_dir(config, out)  # refuse before waiting for the clients
+    snapshot = None
+    if out is not None:  # refuse before waiting for the clients
+        if resume:
+            snapshot = runs.resume_point(out, config)
+        else:
+            runs.new_out_dir(config, out)
+    elif resume:
+        raise FedrirError("a resume needs the run's out-dir; set out-dir in the run config")
     nodes, task = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
+    ledger = None if snapshot is None else Ledger.restore(snapshot.history, snapshot.counters)
+    checkpointer = None
     if out is not None:
-        runs.start_files(out, config, [])
+        runs.start_files(out, config, [] if ledger is None else ledger.history)
+        if config.checkpoint_every:
+            checkpointer = Checkpointer(out / runs.CHECKPOINT_DIR, run_identity(config))
         log(INFO, "fedrir: writing results to %s", out)
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
@@ -277,13 +339,19 @@ def serve(
         if on_round is not None:
             on_round(record, round_)
 
-    strategy = FedrirStrategy(algorithm, nodes, after_round)
-    strategy.start(
-        grid,
-        to_record(rounds.initial_server(algorithm)),
-        num_rounds=config.rounds,
-        timeout=timeout,
+    start = 0 if snapshot is None else snapshot.round
+    strategy = FedrirStrategy(
+        algorithm,
+        nodes,
+        after_round,
+        checkpointer=checkpointer,
+        ledger=ledger,
+        files=None if snapshot is None else snapshot.clients,
+        start_round=start,
     )
+    server = rounds.initial_server(algorithm) if snapshot is None else snapshot.server
+    if config.rounds > start:
+        strategy.start(grid, to_record(server), num_rounds=config.rounds - start, timeout=timeout)
     return runs.finish_run(algorithm, strategy.ledger, out, wall, "flower")
 
 
@@ -297,9 +365,13 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    config = config_from_context(context)
+    config, settings = config_from_context(context), context.run_config
+    resume = settings.get("resume", APP_SETTINGS["resume"])
+    if not isinstance(resume, bool):
+        raise ConfigError(f"resume must be true or false; got {resume!r}")
     with torch_threads(config.threads):
-        serve(grid, config, _out_dir(context.run_config, config), run_timeout(context.run_config))
+        out = _out_dir(settings, config)
+        serve(grid, config, out, run_timeout(settings), resume=resume)
 
 
 def run_timeout(run_config: Mapping[str, UserConfigValue]) -> float:

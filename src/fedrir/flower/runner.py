@@ -60,18 +60,22 @@ def run_flower(
     out: Path | None,
     progress: bool = False,
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
+    *,
+    resume: bool = False,
 ) -> RunResult:
-    """Run ``config`` on Flower's simulation engine with one SuperNode per client;
-    ``on_round(record, round)`` after each round, as ``fedrir.run`` has it."""
+    """Run ``config`` on Flower's simulation engine with one SuperNode per client (or continue
+    the run in ``out`` from its checkpoint); ``on_round(record, round)`` after each round, as
+    ``fedrir.run`` has it. The clients keep their states in the run's checkpoint folder (a
+    temporary one when nothing is checkpointed)."""
     import ray  # here, not at the top: importing Ray takes seconds that other commands don't need
     from flwr.simulation import run_simulation
 
-    runs.prepare(
-        config
-    )  # bad names, missing data, impossible partitions: one line, before Ray starts
+    # bad names, missing data, impossible partitions: one line, before Ray starts
+    runs.prepare(config)
+    snapshot = runs.resume_point(out, config) if resume and out is not None else None
     results: list[RunResult] = []
     errors: list[FedrirError] = []
-    bar = Progress(config, 0, progress, out)
+    bar = Progress(config, 0 if snapshot is None else snapshot.round, progress, out)
     server = ServerApp()
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
@@ -83,15 +87,21 @@ def run_flower(
     def main(grid: Grid, context: Context) -> None:
         timeout = float(APP_SETTINGS["timeout"])
         try:
-            results.append(serve(grid, config, out, timeout, on_round=after_round))
+            results.append(serve(grid, config, out, timeout, on_round=after_round, resume=resume))
         except FedrirError as e:  # raised again below, in the caller's thread
             errors.append(e)
 
+    keep = out is not None and config.checkpoint_every > 0
     try:
-        with offline_flower():
+        with offline_flower(), contextlib.ExitStack() as scratch:
+            states = (
+                out / runs.CHECKPOINT_DIR
+                if keep and out is not None
+                else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedrir-")))
+            )
             run_simulation(
                 server_app=server,
-                client_app=make_client_app(lambda _: config),
+                client_app=make_client_app(lambda _: config, states),
                 num_supernodes=config.data.clients,
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -7,6 +7,10 @@ ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every
 evaluated; the round is closed by the same :class:`~fedrir.engine.ledger.Ledger` as in the
 in-process engine. Updates are aggregated in partition order so that the floating-point sums match
 that engine too.
+
+Each message names the state file its client starts from; replies name the file written. At
+checkpoint rounds the server's payload and these names go into the checkpoint, from which a
+restarted ServerApp continues (``start_round``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedrir.algorithms.base import Algorithm, Evaluation, Payload, payload_bytes
 from fedrir.engine import rounds
+from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.ledger import Ledger, Traffic
 from fedrir.errors import FedrirError
 from fedrir.flower.records import from_record, message_bytes, to_record
@@ -32,6 +37,9 @@ from fedrir.results import RoundRecord
 # names of the records inside message contents, shared with the ClientApp
 PAYLOAD_RECORD, CONFIG_RECORD, METRICS_RECORD = "payload", "config", "metrics"
 NUM_EXAMPLES = "num-examples"
+STATE_FILE, COMMITTED_FILE = "state-file", "committed-file"
+"""Config-record keys: the file a client starts from (empty: its initial state; in a reply: the
+file it wrote), and the one the last checkpoint names (which the client must keep)."""
 
 
 @dataclass
@@ -73,14 +81,25 @@ class FedrirStrategy(Strategy):
         algorithm: Algorithm,
         nodes: Mapping[int, int],
         on_round: Callable[[RoundRecord | None, int], None] | None = None,
+        *,
+        checkpointer: Checkpointer | None = None,
+        ledger: Ledger | None = None,
+        files: Mapping[int, str] | None = None,
+        start_round: int = 0,
     ) -> None:
-        """``nodes`` maps each client's partition id to the Flower node id that holds it."""
+        """``nodes`` maps each client's partition id to the Flower node id that holds it. A
+        resumed run passes the checkpoint's ledger, clients' files and round: Flower's rounds
+        1, 2, … are then rounds ``start_round`` + 1, + 2, … of the run."""
         self.algorithm = algorithm
         self.config = algorithm.config
         self.nodes = dict(nodes)
         self.partition = {node: p for p, node in self.nodes.items()}
         self.on_round = on_round
-        self.ledger = Ledger()
+        self.checkpointer = checkpointer
+        self.ledger = ledger or Ledger()
+        self.files = dict(files or {})
+        self.committed = dict(self.files)
+        self.offset = start_round
         self._round: _Round | None = None
 
     @property
@@ -93,16 +112,28 @@ class FedrirStrategy(Strategy):
         log(INFO, "\t└──> clients (partition → node): %s", self.nodes)
 
     def _messages(
-        self, grid: Grid, partitions: Iterable[int], content: RecordDict, kind: str, round_: int
+        self, grid: Grid, partitions: Iterable[int], arrays: ArrayRecord, kind: str, round_: int
     ) -> list[Message]:
-        """One message per partition whose node is still connected (a gone node gets none)."""
+        """One message per partition whose node is still connected (a gone node gets none):
+        the payload, the round, and the client's state files."""
         live = set(grid.get_node_ids())
         messages = []
         for p in partitions:
             if self.nodes[p] in live:
-                node = self.nodes[p]
+                named = {
+                    STATE_FILE: self.files.get(p, ""),
+                    COMMITTED_FILE: self.committed.get(p, ""),
+                }
+                content = RecordDict(
+                    {
+                        PAYLOAD_RECORD: arrays,
+                        CONFIG_RECORD: ConfigRecord({"round": round_, **named}),
+                    }
+                )
                 messages.append(
-                    Message(content, dst_node_id=node, message_type=kind, group_id=str(round_))
+                    Message(
+                        content, dst_node_id=self.nodes[p], message_type=kind, group_id=str(round_)
+                    )
                 )
             else:
                 log(WARNING, "round %d: client %d (node %d) is gone", round_, p, self.nodes[p])
@@ -119,18 +150,14 @@ class FedrirStrategy(Strategy):
                 answers.append((self.partition[reply.metadata.src_node_id], reply))
         return sorted(answers, key=lambda a: a[0])
 
-    @staticmethod
-    def _content(arrays: ArrayRecord, round_: int) -> RecordDict:
-        return RecordDict({PAYLOAD_RECORD: arrays, CONFIG_RECORD: ConfigRecord({"round": round_})})
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         start = time.perf_counter()
-        plan = rounds.plan_round(self.config, server_round, len(self.nodes))
+        r = server_round + self.offset
+        plan = rounds.plan_round(self.config, r, len(self.nodes))
         server = from_record(arrays, self.algorithm.runtime.device)
-        content = self._content(arrays, server_round)
-        messages = self._messages(grid, plan.selected, content, MessageType.TRAIN, server_round)
+        messages = self._messages(grid, plan.selected, arrays, MessageType.TRAIN, r)
         down = payload_bytes(server) * len(messages)
         self._round = _Round(start, server, len(plan.selected), down, message_bytes(messages))
         return messages
@@ -140,9 +167,10 @@ class FedrirStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         cur = self.current
         device = self.algorithm.runtime.device
-        answers = [m for _, m in self._answers(replies, server_round)]
+        answers = self._answers(replies, server_round + self.offset)
         updates = []
-        for m in answers:
+        for p, m in answers:
+            self.files[p] = str(m.content.config_records[CONFIG_RECORD][STATE_FILE])
             numbers = m.content.metric_records[METRICS_RECORD]
             n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
             updates.append((from_record(m.content.array_records[PAYLOAD_RECORD], device), n))
@@ -153,7 +181,7 @@ class FedrirStrategy(Strategy):
         cur.traffic = Traffic(
             bytes_up=sum(payload_bytes(p) for p, _ in updates),
             bytes_down=cur.bytes_down,
-            message_bytes_up=message_bytes(answers),
+            message_bytes_up=message_bytes(m for _, m in answers),
             message_bytes_down=cur.message_bytes_down,
         )
         return to_record(cur.server), None
@@ -161,11 +189,11 @@ class FedrirStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not rounds.is_eval_round(self.config, server_round):
+        r = server_round + self.offset
+        if not rounds.is_eval_round(self.config, r):
             return []
-        content = self._content(arrays, server_round)
-        kind = MessageType.EVALUATE
-        messages = self._messages(grid, sorted(self.nodes), content, kind, server_round)
+        evaluated = rounds.evaluated_clients(self.config, r, len(self.nodes))
+        messages = self._messages(grid, evaluated, arrays, MessageType.EVALUATE, r)
         self.current.evaluation_download = payload_bytes(self.current.server) * len(messages)
         return messages
 
@@ -173,21 +201,21 @@ class FedrirStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Closes the round (Flower calls it every round): counters, and the record if evaluated."""
-        cur = self.current
+        cur, r = self.current, server_round + self.offset
         evaluations = None
-        if rounds.is_eval_round(self.config, server_round):
-            evaluations = [
-                Evaluation(
+        if rounds.is_eval_round(self.config, r):
+            evaluations = {
+                partition: Evaluation(
                     correct=int(m.content.metric_records[METRICS_RECORD]["correct"]),  # type: ignore[arg-type]
                     total=int(m.content.metric_records[METRICS_RECORD]["total"]),  # type: ignore[arg-type]
                     loss_sum=float(m.content.metric_records[METRICS_RECORD]["loss-sum"]),  # type: ignore[arg-type]
                 )
-                for _, m in self._answers(replies, server_round)
-            ]
+                for partition, m in self._answers(replies, r)
+            }
             if not evaluations:
-                raise FedrirError(f"round {server_round}: no client answered the evaluation")
+                raise FedrirError(f"round {r}: no client answered the evaluation")
         record = self.ledger.close(
-            server_round,
+            r,
             selected=cur.selected,
             trained=cur.trained,
             traffic=cur.traffic,
@@ -195,8 +223,15 @@ class FedrirStrategy(Strategy):
             evaluations=evaluations,
             evaluation_download=cur.evaluation_download,
         )
+        config = self.config
+        if self.checkpointer is not None and (
+            r == config.rounds or (config.checkpoint_every and r % config.checkpoint_every == 0)
+        ):
+            history = [rec.to_json() for rec in self.ledger.history]
+            self.checkpointer.save(r, cur.server, self.files, history, self.ledger.counters())
+            self.committed = dict(self.files)
         if self.on_round is not None:
-            self.on_round(record, server_round)
+            self.on_round(record, r)
         if record is None:
             return None
         return MetricRecord({"accuracy": record.accuracy, "loss": record.loss})
