@@ -320,6 +320,14 @@ def test_flower_simulation_matches_in_process(tmp_path: Path, algorithm: str) ->
 
 
 @pytest.mark.slow
+def test_default_threads_give_the_same_numbers_on_both_engines(tmp_path: Path) -> None:
+    """No `threads` set: each engine runs client code on every CPU, so the sums agree."""
+    cfg = with_overrides(small(tmp_path), {"threads": 0, "rounds": 1})
+    sim = fedrir.run(with_overrides(cfg, {"engine": "sim"}), out=None)
+    assert_same_numbers(run_flower(cfg, None).history, sim.history)
+
+
+@pytest.mark.slow
 def test_a_flower_run_resumes_from_its_checkpoint_with_states_on_the_nodes(
     tmp_path: Path,
 ) -> None:

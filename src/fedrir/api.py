@@ -95,7 +95,7 @@ def run(
     """Run ``config`` from scratch. ``out="auto"`` makes a new folder under ``runs/``; ``None``
     writes nothing (and cannot be resumed)."""
     path = None if out is None else runs.new_out_dir(config, out)
-    with torch_threads(config.threads):
+    with torch_threads(config):
         if config.engine == "flower":
             return runner.run_flower(config, path, progress=progress, on_round=on_round)
         return _execute(config, path, progress, False, on_round)
@@ -117,7 +117,7 @@ def resume(
     config = load_config(path / CONFIG_FILE)
     if rounds is not None:
         config = dataclasses.replace(config, rounds=rounds)
-    with torch_threads(config.threads):
+    with torch_threads(config):
         if config.engine == "flower":
             return runner.run_flower(config, path, progress, on_round, resume=True)
         return _execute(config, path, progress, True, on_round)

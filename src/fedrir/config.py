@@ -232,7 +232,7 @@ class Config:
     channels_last: bool = True
     """Run convolutions in channels-last memory format (faster on CPU)."""
     threads: int = 0
-    """Torch intra-op threads; 0 keeps torch's default."""
+    """Torch intra-op threads where client code runs, on either engine; 0: every available CPU."""
     checkpoint_every: int = 1
     """Write a resumable checkpoint every this many rounds (0: never)."""
     state_cache_mb: int = 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,15 +41,25 @@ def resolve_runtime(config: Config) -> Runtime:
     return Runtime(device=device, autocast_dtype=dtype, channels_last=config.channels_last)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def thread_count(config: Config) -> int:
+    """Torch threads for client code: ``threads``, or every available CPU. The same on either
+    engine (Flower's workers included, which would otherwise get one), because oneDNN's sums,
+    and so the accuracies, depend on the thread count."""
+    return config.threads or available_cpus()
+
+
 @contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Torch's intra-op thread count set to ``threads`` (0: left as it is) for a run, and
-    restored after: a library call does not change the rest of the caller's process."""
+def torch_threads(config: Config) -> Iterator[None]:
+    """Torch's intra-op thread count set to :func:`thread_count` for a run or a client's step,
+    and restored after: a library call does not change the rest of the caller's process."""
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(thread_count(config))
     try:
         yield
     finally:
-        if threads:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)

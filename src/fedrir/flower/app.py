@@ -190,7 +190,7 @@ def make_client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:
         config, algorithm, data, partition = _client(context, load)
-        with torch_threads(config.threads):
+        with torch_threads(config):
             return _train(message, context, config, algorithm, data, partition)
 
     def _train(
@@ -233,7 +233,7 @@ def make_client_app(
             message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
         )
         rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
-        with torch_threads(config.threads):
+        with torch_threads(config):
             store = _store(context, config, algorithm, state_dir)
             state = _state(store, algorithm, partition, message)
             ev = algorithm.evaluate(payload, state, data, rng)
@@ -369,7 +369,7 @@ def _main(grid: Grid, context: Context) -> None:
     resume = settings.get("resume", APP_SETTINGS["resume"])
     if not isinstance(resume, bool):
         raise ConfigError(f"resume must be true or false; got {resume!r}")
-    with torch_threads(config.threads):
+    with torch_threads(config):
         out = _out_dir(settings, config)
         serve(grid, config, out, run_timeout(settings), resume=resume)
 

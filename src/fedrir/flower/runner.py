@@ -20,14 +20,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrir import runs
 from fedrir.config import Config
+from fedrir.engine.runtime import available_cpus, thread_count
 from fedrir.errors import FedrirError
 from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
 from fedrir.progress import Progress
 from fedrir.results import RoundRecord
 from fedrir.runs import RunResult
 
-RAY_CPUS = 2
-"""CPUs Ray may use in all; each ClientApp takes one."""
+RAY_CPUS = available_cpus()
+"""CPUs Ray may use in all; each ClientApp takes as many as it runs threads (so with the default,
+every CPU: one client at a time, computing exactly what the in-process engine computes)."""
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -104,7 +106,10 @@ def run_flower(
                 client_app=make_client_app(lambda _: config, states),
                 num_supernodes=config.data.clients,
                 backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "client_resources": {
+                        "num_cpus": min(thread_count(config), RAY_CPUS),
+                        "num_gpus": 0.0,
+                    },
                     "init_args": {"num_cpus": RAY_CPUS, "num_gpus": 0},
                 },
             )
