@@ -7,25 +7,21 @@ folder, finishing) is :mod:`fedrir.runs`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from fedrir import runs
-from fedrir.algorithms.base import Algorithm
 from fedrir.config import Config, load_config, run_identity
-from fedrir.data.types import FederatedData
 from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.runtime import torch_threads
-from fedrir.engine.simulator import SimState, open_state, simulate
+from fedrir.engine.simulator import open_state, simulate
 from fedrir.errors import FedrirError
 from fedrir.flower import runner
 from fedrir.progress import Progress
 from fedrir.results import RoundRecord
-from fedrir.runs import CHECKPOINT_DIR, CONFIG_FILE, RunResult
+from fedrir.runs import CONFIG_FILE, RunResult
 
 OnRound = Callable[[RoundRecord | None, int], None]
 """Called after every round with its record (None when it was not evaluated) and its number."""
@@ -41,47 +37,28 @@ def _execute(
         runs.make_out_dir(out)
         if resuming:
             snapshot = runs.resume_point(out, config)
-    with contextlib.ExitStack() as scratch:
-        # the store lives in the checkpoint folder (it is the checkpoint), else in a scratch one
-        keep = out is not None and config.checkpoint_every > 0
-        folder = (
-            out / CHECKPOINT_DIR
-            if keep and out is not None
-            else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedrir-states-")))
-        )
+    with runs.states_folder(out, config) as folder:
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
-        checkpointer = Checkpointer(folder, run_identity(config)) if keep else None
-        return _loop(config, out, progress, on_round, wall, algorithm, data, state, checkpointer)
-
-
-def _loop(
-    config: Config,
-    out: Path | None,
-    progress: bool,
-    on_round: OnRound | None,
-    wall: float,
-    algorithm: Algorithm,
-    data: FederatedData,
-    state: SimState,
-    checkpointer: Checkpointer | None,
-) -> RunResult:
-    if out is not None:
-        runs.start_files(out, config, state.ledger.history)
-    bar = Progress(config, state.round, progress, out)
-
-    def after_round(record: RoundRecord | None, round_: int) -> None:
-        if record is not None and out is not None:
-            runs.record_round(out, record)
-        bar(record, round_)
-        if on_round is not None:
-            on_round(record, round_)
-
-    try:
-        state = simulate(
-            algorithm, config, data, state, checkpointer=checkpointer, on_round=after_round
+        checkpointer = (
+            Checkpointer(folder, run_identity(config)) if runs.checkpointed(out, config) else None
         )
-    finally:
-        bar.close()
+        if out is not None:
+            runs.start_files(out, config, state.ledger.history)
+        bar = Progress(config, state.round, progress, out)
+
+        def after_round(record: RoundRecord | None, round_: int) -> None:
+            if record is not None and out is not None:
+                runs.record_round(out, record)
+            bar(record, round_)
+            if on_round is not None:
+                on_round(record, round_)
+
+        try:
+            state = simulate(
+                algorithm, config, data, state, checkpointer=checkpointer, on_round=after_round
+            )
+        finally:
+            bar.close()
     return runs.finish_run(algorithm, state.ledger, out, wall, "sim")
 
 

@@ -9,9 +9,12 @@ finish runs through this module, so a run folder looks the same whichever engine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +115,22 @@ def new_out_dir(config: Config, out: str | Path) -> Path:
     if path.is_dir() and any(path.iterdir()):
         raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
     return path
+
+
+def checkpointed(out: Path | None, config: Config) -> bool:
+    """Whether the run keeps a checkpoint (a folder to write it in, and a period)."""
+    return out is not None and config.checkpoint_every > 0
+
+
+@contextlib.contextmanager
+def states_folder(out: Path | None, config: Config) -> Iterator[Path]:
+    """Where the clients' states live during a run: the run's checkpoint folder, since the store
+    is the checkpoint; a scratch folder, removed after, for a run that keeps no checkpoint."""
+    if out is not None and checkpointed(out, config):
+        yield out / CHECKPOINT_DIR
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedrir-states-") as scratch:
+            yield Path(scratch)
 
 
 def start_files(out: Path, config: Config, history: list[RoundRecord]) -> None:

@@ -329,7 +329,7 @@ def serve(
     checkpointer = None
     if out is not None:
         runs.start_files(out, config, [] if ledger is None else ledger.history)
-        if config.checkpoint_every:
+        if runs.checkpointed(out, config):
             checkpointer = Checkpointer(out / runs.CHECKPOINT_DIR, run_identity(config))
         log(INFO, "fedrir: writing results to %s", out)
 

@@ -93,14 +93,8 @@ def run_flower(
         except FedrirError as e:  # raised again below, in the caller's thread
             errors.append(e)
 
-    keep = out is not None and config.checkpoint_every > 0
     try:
-        with offline_flower(), contextlib.ExitStack() as scratch:
-            states = (
-                out / runs.CHECKPOINT_DIR
-                if keep and out is not None
-                else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="fedrir-")))
-            )
+        with offline_flower(), runs.states_folder(out, config) as states:
             run_simulation(
                 server_app=server,
                 client_app=make_client_app(lambda _: config, states),
