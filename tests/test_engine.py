@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import fedrir
+import fedrir.cli
 from fedrir.cli import main
 from fedrir.config import Config, with_overrides
 from fedrir.engine.rounds import plan_round
@@ -277,7 +278,7 @@ def test_ctrl_c_names_the_folder_to_resume(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fedrir.api, "run", interrupted)
+    monkeypatch.setattr(fedrir.cli, "run", interrupted)
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == (
