@@ -7,6 +7,7 @@ folder, finishing) is :mod:`fedrir.runs`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -33,10 +34,8 @@ def _execute(
     wall = time.perf_counter()
     algorithm, data = runs.prepare(config)
     snapshot = None
-    if out is not None:
-        runs.make_out_dir(out)
-        if resuming:
-            snapshot = runs.resume_point(out, config)
+    if out is not None and resuming:
+        snapshot = runs.resume_point(out, config)
     with runs.states_folder(out, config) as folder:
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
         checkpointer = (
@@ -72,7 +71,9 @@ def run(
     """Run ``config`` from scratch. ``out="auto"`` makes a new folder under ``runs/``; ``None``
     writes nothing (and cannot be resumed)."""
     path = None if out is None else runs.new_out_dir(config, out)
-    with torch_threads(config):
+    with contextlib.ExitStack() as held, torch_threads(config):
+        if path is not None:
+            held.enter_context(runs.writing(path, new=True))
         if config.engine == "flower":
             return runner.run_flower(config, path, progress=progress, on_round=on_round)
         return _execute(config, path, progress, False, on_round)
@@ -94,7 +95,7 @@ def resume(
     config = load_config(path / CONFIG_FILE)
     if rounds is not None:
         config = dataclasses.replace(config, rounds=rounds)
-    with torch_threads(config):
+    with runs.writing(path, new=False), torch_threads(config):
         if config.engine == "flower":
             return runner.run_flower(config, path, progress, on_round, resume=True)
         return _execute(config, path, progress, True, on_round)

@@ -29,7 +29,7 @@ Handler = Callable[[argparse.Namespace], int]
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         typed = [flag(n) for n in given(args) if n != "rounds"]
-        typed += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
+        typed += ["--config"] * (args.config is not None) + ["--out"] * (args.out is not None)
         if typed:
             raise FedrirError(
                 "--resume continues a run with its saved config.toml; only --rounds may be "
@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
     else:
         config = build_config(args)
-        out = new_out_dir(config, args.out or "auto")
+        out = new_out_dir(config, "auto" if args.out is None else args.out)
     try:
         if args.resume is not None:
             result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)

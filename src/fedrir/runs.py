@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import tempfile
 import time
@@ -25,10 +26,11 @@ from fedrir.algorithms.base import Algorithm, Task
 from fedrir.config import Config, config_to_toml, run_identity
 from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
-from fedrir.engine.checkpoint import Snapshot, load_snapshot
+from fedrir.engine.checkpoint import Snapshot, checkpoint_files, load_snapshot
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime
 from fedrir.errors import DataError, FedrirError
+from fedrir.lock import contents, folder_lock
 from fedrir.models.cnn import MIN_SIDE
 from fedrir.results import (
     RoundRecord,
@@ -79,13 +81,21 @@ def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
 
 
 def default_out_dir(config: Config) -> Path:
+    """A new folder under ``runs/`` named after the time and the run, created here: the name is
+    claimed atomically (``mkdir``), so two runs started together never share a folder."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{stamp}-{config.algorithm}-{config.data.dataset}"
+    make_out_dir(base.parent)
     out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+    while True:
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        except OSError as e:
+            raise FedrirError(f"cannot create {out} ({e.strerror}); pass --out") from None
 
 
 def check_out_dir(path: Path) -> None:
@@ -103,18 +113,66 @@ def make_out_dir(path: Path) -> None:
         raise FedrirError(f"cannot create {path} ({e.strerror}); pick another --out") from None
 
 
-def new_out_dir(config: Config, out: str | Path) -> Path:
-    """The folder a new run writes to (``"auto"``: a new one under ``runs/``), refused when it
-    is a file, already holds a run or holds anything else: a new run never overwrites files."""
-    path = default_out_dir(config) if out == "auto" else Path(out)
-    check_out_dir(path)  # fail before loading data, not after
+def check_new(path: Path) -> None:
+    """Refuse ``path`` for a new run when it is a file, already holds a run or holds anything
+    else: a new run never overwrites files."""
+    check_out_dir(path)
     if (path / CONFIG_FILE).exists():
         raise FedrirError(
             f"{path} already holds a run; continue it with --resume {path}, or pick another --out"
         )
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and contents(path):
         raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
+
+
+def new_out_dir(config: Config, out: str | Path) -> Path:
+    """The folder a new run writes to (``"auto"``: a new one under ``runs/``, claimed now),
+    checked with :func:`check_new` before any data is loaded."""
+    if str(out) == "":
+        raise FedrirError("--out is empty; name a folder, or leave --out out for one under runs/")
+    path = default_out_dir(config) if out == "auto" else Path(out)
+    check_new(path)
     return path
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, new: bool) -> Iterator[None]:
+    """Hold ``path`` as its only writer for a whole run, resume or grid (created if needed; a
+    new run's folder checked again under the lock). A new run that fails before writing anything
+    leaves no folder behind; a full disk is one line, and the failed round's files are removed."""
+    make_out_dir(path)
+    try:
+        with folder_lock(path):
+            if new:
+                check_new(path)
+            try:
+                yield
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                discard_partial(path)
+                raise FedrirError(
+                    f"the disk holding {path} is full; the failed round's files were removed; "
+                    f"free some space, then fedrir run --resume {path}"
+                ) from None
+    except BaseException:
+        if new and path.is_dir() and not any(path.iterdir()):
+            with contextlib.suppress(OSError):  # another writer may have just claimed it
+                path.rmdir()
+        raise
+
+
+def discard_partial(out: Path) -> None:
+    """Remove what an interrupted round left in ``out``: half-written files, and checkpoint files
+    that its manifest does not name (the last complete checkpoint stays whole)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    folder = out / CHECKPOINT_DIR
+    if folder.is_dir():
+        named = checkpoint_files(folder)
+        for path in folder.iterdir():
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
 
 def checkpointed(out: Path | None, config: Config) -> bool:

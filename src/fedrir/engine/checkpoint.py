@@ -109,6 +109,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def checkpoint_files(directory: Path) -> set[str]:
+    """The files of the latest complete checkpoint in ``directory`` (its manifest included); every
+    file there when the manifest cannot be read (then nothing can be told apart)."""
+    try:
+        manifest = _read_manifest(directory / MANIFEST)
+    except FedrirError:
+        if (directory / MANIFEST).exists():
+            return {p.name for p in directory.iterdir()}
+        return set()
+    return {MANIFEST, manifest["server"], *manifest["clients"].values()}
+
+
 def load_snapshot(directory: Path, config_id: str) -> Snapshot | None:
     """The latest complete checkpoint in ``directory``, or None when no round was checkpointed;
     refused when it was written under another configuration than ``config_id``."""

@@ -369,8 +369,8 @@ def _main(grid: Grid, context: Context) -> None:
     resume = settings.get("resume", APP_SETTINGS["resume"])
     if not isinstance(resume, bool):
         raise ConfigError(f"resume must be true or false; got {resume!r}")
-    with torch_threads(config):
-        out = _out_dir(settings, config)
+    out = _out_dir(settings, config)
+    with runs.writing(out, new=not resume), torch_threads(config):
         serve(grid, config, out, run_timeout(settings), resume=resume)
 
 
