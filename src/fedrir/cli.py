@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from fedrir.data.federated import make_partition
 from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
 from fedrir.errors import FedrirError
 from fedrir.flags import add_config_flags, as_flags, build_config, data_keys, flag, given
-from fedrir.results import format_summary
+from fedrir.results import format_summary, strict_json
 from fedrir.runs import RESULT_FILES, new_out_dir
 
 Handler = Callable[[argparse.Namespace], int]
@@ -56,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     rows = describe_datasets(build_config(args).data)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -75,7 +74,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     dataset = load_dataset(config.data, config.seed)
     partition = make_partition(config.data, dataset, config.seed, config.train.batch_size)
     summary = partition_summary(dataset, partition)
-    print(json.dumps(summary) if args.json else format_partition_table(summary))
+    print(strict_json(summary) if args.json else format_partition_table(summary))
     if heatmap is not None:
         try:
             plot_partition_heatmap(summary, heatmap)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms.base import Evaluation
+from fedrir.errors import FedrirError
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,26 @@ def atomic_write(path: Path, text: str) -> None:
         os.close(directory)
 
 
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as strict JSON: every result file is written through here, and a non-finite
+    number (which strict readers reject) is refused rather than written as a bare NaN."""
+    try:
+        return json.dumps(value, indent=indent, allow_nan=False)
+    except ValueError:
+        raise FedrirError(
+            "refusing to write a non-finite number into a result file; this is a bug, please "
+            "report it with the command that led here"
+        ) from None
+
+
 def write_metrics(path: Path, records: Iterable[RoundRecord]) -> None:
-    atomic_write(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
+    atomic_write(path, "".join(strict_json(r.to_json()) + "\n" for r in records))
 
 
 def append_metrics(path: Path, record: RoundRecord) -> None:
+    line = strict_json(record.to_json()) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record.to_json()) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from fedrir.algorithms.base import Algorithm, Task
 from fedrir.config import Config, config_to_toml, run_identity
 from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
+from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Snapshot, checkpoint_files, load_snapshot
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime
@@ -37,6 +37,7 @@ from fedrir.results import (
     append_metrics,
     atomic_write,
     plot_curves,
+    strict_json,
     summarize,
     write_metrics,
 )
@@ -67,6 +68,7 @@ def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
     runtime = resolve_runtime(config)
     data = build_federated(config.data, config.seed, batch_size=config.train.batch_size)
     data = dataclasses.replace(data, clients=tuple(c.to(runtime.device) for c in data.clients))
+    rounds.check_someone_trains(config, data.num_clients)
     task = Task(input_shape=data.input_shape, num_classes=data.num_classes)
     _, height, width = task.input_shape
     if min(height, width) < MIN_SIDE:
@@ -249,7 +251,7 @@ def finish_run(
         },
     )
     if out is not None:
-        atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / SUMMARY_FILE, strict_json(summary, indent=2) + "\n")
         plot_curves(
             {config.algorithm: [r.to_json() for r in ledger.history]},
             out / CURVES_FILE,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from fedrir.algorithms.base import Payload
 from fedrir.engine.ledger import COUNTERS
 from fedrir.errors import FedrirError
-from fedrir.results import RoundRecord, atomic_write
+from fedrir.results import RoundRecord, atomic_write, strict_json
 
 MANIFEST = "manifest.json"
 SERVER_PREFIX = "server.r"
@@ -79,7 +79,7 @@ class Checkpointer:
             "history": history,
             "counters": counters,
         }
-        atomic_write(self.directory / MANIFEST, json.dumps(manifest))
+        atomic_write(self.directory / MANIFEST, strict_json(manifest))
         for path in self.directory.iterdir():
             if path.name.startswith(SERVER_PREFIX) and path.name != server_file:
                 path.unlink(missing_ok=True)

@@ -323,6 +323,7 @@ def serve(
             runs.new_out_dir(config, out)
     elif resume:
         raise FedrirError("a resume needs the run's out-dir; set out-dir in the run config")
+    rounds.check_someone_trains(config, config.data.clients)
     nodes, task = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
     ledger = None if snapshot is None else Ledger.restore(snapshot.history, snapshot.counters)
