@@ -33,14 +33,15 @@ def _execute(
 ) -> RunResult:
     wall = time.perf_counter()
     algorithm, data = runs.prepare(config)
-    snapshot = None
+    snapshot, checkpointer = None, None
+    setting = runs.run_setting(algorithm, [c.digest() for c in data.clients])
     if out is not None and resuming:
-        snapshot = runs.resume_point(out, config)
+        snapshot = runs.resume_point(out, config, setting)
+        wall -= 0.0 if snapshot is None else snapshot.wall_seconds
     with runs.states_folder(out, config) as folder:
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
-        checkpointer = (
-            Checkpointer(folder, run_identity(config)) if runs.checkpointed(out, config) else None
-        )
+        if runs.checkpointed(out, config):
+            checkpointer = Checkpointer(folder, run_identity(config), setting, wall)
         if out is not None:
             runs.start_files(out, config, state.ledger.history)
         bar = Progress(config, state.round, progress, out)

@@ -12,23 +12,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms import get_algorithm
-from fedrir.algorithms.base import Algorithm, Task
+from fedrir.algorithms.base import Algorithm, Runtime, Task
 from fedrir.config import Config, config_to_toml, run_identity
 from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.checkpoint import Snapshot, checkpoint_files, load_snapshot
+from fedrir.engine.checkpoint import Snapshot, check_setting, checkpoint_files, load_snapshot
 from fedrir.engine.ledger import Ledger
-from fedrir.engine.runtime import resolve_runtime
+from fedrir.engine.runtime import resolve_runtime, thread_count
 from fedrir.errors import DataError, FedrirError
 from fedrir.lock import contents, folder_lock
 from fedrir.models.cnn import MIN_SIDE
@@ -201,10 +202,32 @@ def start_files(out: Path, config: Config, history: list[RoundRecord]) -> None:
     write_metrics(out / METRICS_FILE, history)
 
 
-def resume_point(out: Path, config: Config) -> Snapshot | None:
+def run_setting(algorithm: Algorithm, client_digests: Sequence[str]) -> dict[str, Any]:
+    """What a run runs on besides its config, recorded in its checkpoints and checked on resume:
+    a digest of its clients' data (each client's :meth:`~fedrir.data.types.ClientData.digest`,
+    in order) and the runtime ``auto`` settings resolved to."""
+    data = hashlib.blake2b("".join(client_digests).encode(), digest_size=16).hexdigest()
+    return {
+        "data": data,
+        "device": str(algorithm.runtime.device),
+        "precision": precision_name(algorithm.runtime),
+        "threads": thread_count(algorithm.config),
+    }
+
+
+def precision_name(runtime: Runtime) -> str:
+    return "bf16" if runtime.autocast_dtype is not None else "fp32"
+
+
+def resume_point(
+    out: Path, config: Config, setting: Mapping[str, Any] | None = None
+) -> Snapshot | None:
     """The checkpoint a resume of the run in ``out`` continues from (None: start over, which is
-    deterministic), or one line on why it cannot be resumed."""
+    deterministic), or one line on why it cannot be resumed (``setting``: see :func:`run_setting`,
+    when already known)."""
     snapshot = load_snapshot(out / CHECKPOINT_DIR, run_identity(config))
+    if snapshot is not None and setting is not None:
+        check_setting(snapshot, setting, out)
     if snapshot is None:
         metrics = out / METRICS_FILE
         if config.checkpoint_every == 0 and metrics.exists() and metrics.stat().st_size > 0:
@@ -241,7 +264,7 @@ def finish_run(
             "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
             "clients": config.data.clients,
             "device": str(algorithm.runtime.device),
-            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
+            "precision": precision_name(algorithm.runtime),
             "parameters": algorithm.parameter_counts(),
             "wall_seconds": time.perf_counter() - wall_start,
             "engine": engine,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +42,11 @@ class Snapshot:
     """Client → the store's file of its state (clients without one are in their initial state)."""
     history: list[dict[str, Any]]
     counters: dict[str, Any]
+    setting: dict[str, Any]
+    """What the run ran on (its data's digest, the resolved runtime): a resume must match it
+    (empty for checkpoints written before it was recorded)."""
+    wall_seconds: float
+    """Wall time of every process of the run up to this checkpoint."""
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -52,11 +58,17 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 class Checkpointer:
-    """Writes checkpoints into ``directory``."""
+    """Writes checkpoints into ``directory`` of a run under ``config_id`` on ``setting`` (see
+    :attr:`Snapshot.setting`) whose wall clock started at ``started`` (``time.perf_counter``,
+    moved back by the wall time of the processes before this one)."""
 
-    def __init__(self, directory: Path, config_id: str) -> None:
+    def __init__(
+        self, directory: Path, config_id: str, setting: Mapping[str, Any], started: float
+    ) -> None:
         self.directory = directory
         self.config_id = config_id
+        self.setting = dict(setting)
+        self.started = started
         directory.mkdir(parents=True, exist_ok=True)
 
     def save(
@@ -78,6 +90,8 @@ class Checkpointer:
             "clients": {str(c): name for c, name in clients.items()},
             "history": history,
             "counters": counters,
+            "setting": self.setting,
+            "wall_seconds": time.perf_counter() - self.started,
         }
         atomic_write(self.directory / MANIFEST, strict_json(manifest))
         for path in self.directory.iterdir():
@@ -100,6 +114,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             and all(isinstance(r, dict) and set(r) == records for r in data["history"])
             and isinstance(data.get("counters"), dict)
             and set(data["counters"]) == set(COUNTERS)
+            and isinstance(data.get("setting", {}), dict)
+            and isinstance(data.get("wall_seconds", 0.0), int | float)
         ):
             raise ValueError("not a fedrir checkpoint manifest")
         return data
@@ -146,4 +162,23 @@ def load_snapshot(directory: Path, config_id: str) -> Snapshot | None:
         clients={int(c): name for c, name in manifest["clients"].items()},
         history=manifest["history"],
         counters=manifest["counters"],
+        setting=manifest.get("setting", {}),
+        wall_seconds=float(manifest.get("wall_seconds", 0.0)),
     )
+
+
+def check_setting(snapshot: Snapshot, setting: Mapping[str, Any], out: Path) -> None:
+    """Refuse to resume the run in ``out`` on other data or another runtime than its checkpoint
+    was written on: its numbers would silently continue from something else."""
+    changed = [
+        "the clients' data changed (were the dataset's files replaced?)"
+        if key == "data"
+        else f"{key} changed from {snapshot.setting[key]!r} to {setting[key]!r}"
+        for key in sorted(setting)
+        if key in snapshot.setting and snapshot.setting[key] != setting[key]
+    ]
+    if changed:
+        raise FedrirError(
+            f"cannot resume {out}: since its checkpoint, {'; '.join(changed)}; resume it on "
+            "the same data and machine settings, or start a new run"
+        )

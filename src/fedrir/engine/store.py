@@ -85,13 +85,31 @@ class StateCache(Generic[K]):
             self.evicted(victim, dropped)
 
 
-def write_state(path: Path, state: State) -> None:
-    """``state`` to ``path`` as safetensors, whole or not at all (temp file, fsync, rename)."""
+def write_state(path: Path, state: State, client: int) -> None:
+    """``client``'s ``state`` to ``path`` as safetensors, whole or not at all (temp file, fsync,
+    rename); the file names its client and its own name, so a file swapped for another is told."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={OWNER: str(client), NAME: path.name})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+OWNER, NAME = "fedrir-client", "fedrir-file"
+"""Metadata keys of a state file: its client, and the name it was written under."""
+
+
+def check_owner(path: Path, client: int) -> None:
+    """Raise ValueError unless ``path`` is a whole state file written for ``client`` under its
+    name (files written before the name was recorded pass on their header alone); OSError and
+    SafetensorError when it is missing or not safetensors."""
+    with safe_open(str(path), framework="pt") as f:  # reads and checks the header and size
+        meta = f.metadata() or {}
+    if OWNER in meta and (meta[OWNER], meta.get(NAME)) != (str(client), path.name):
+        raise ValueError(
+            f"it holds client {meta[OWNER]}'s state written as {meta.get(NAME)}, swapped in"
+        )
 
 
 def sync_directory(directory: Path) -> None:
@@ -188,7 +206,7 @@ class ClientStore:
         name = f"client{client}.s{self._seq:06d}.safetensors"
         self._seq += 1
         path = self.directory / name
-        write_state(path, state)
+        write_state(path, state, client)
         self._unsynced = True
         previous = self._latest.get(client)
         self._latest[client] = name
@@ -218,9 +236,8 @@ class ClientStore:
         if match is None or match[1] != str(client):
             raise self._damaged(client, path, "not a state file name for this client")
         try:
-            with safe_open(str(path), framework="pt"):  # reads and checks the header and size
-                pass
-        except (OSError, SafetensorError) as e:
+            check_owner(path, client)
+        except (OSError, SafetensorError, ValueError) as e:
             raise self._damaged(client, path, e) from None
         return int(match[2])
 
@@ -254,8 +271,9 @@ class NodeStore:
             if _node_file(client).fullmatch(name) is None:
                 raise FedrirError(f"client {client} was sent {name!r}, not one of its state files")
             try:
+                check_owner(path, client)
                 state = {k: v.to(self.device) for k, v in load_file(str(path)).items()}
-            except (OSError, SafetensorError) as e:
+            except (OSError, SafetensorError, ValueError) as e:
                 why = "missing" if isinstance(e, FileNotFoundError) else str(e).partition("\n")[0]
                 raise FedrirError(
                     f"client {client}'s state file {path} is unusable ({why}); the node's state "
@@ -267,7 +285,7 @@ class NodeStore:
     def save(self, client: int, round_: int, state: State) -> str:
         """Write ``client``'s state after ``round_`` durably; the file's name."""
         name = f"client{client}.r{round_}.safetensors"
-        write_state(self.directory / name, state)
+        write_state(self.directory / name, state, client)
         sync_directory(self.directory)
         self._cache.put(name, state)
         return name

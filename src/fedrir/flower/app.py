@@ -50,7 +50,7 @@ from fedrir.algorithms.base import Algorithm, State, Task
 from fedrir.config import KEYS, Config, flat_value, run_identity, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.checkpoint import Checkpointer
+from fedrir.engine.checkpoint import Checkpointer, check_setting
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime, torch_threads
 from fedrir.engine.store import NodeStore
@@ -177,12 +177,15 @@ def make_client_app(
     @app.query()
     def query(message: Message, context: Context) -> Message:
         """Which client this node holds; the server leaves a node beyond the run's clients idle."""
-        algorithm, _ = _prepared(load(context))
+        algorithm, data = _prepared(load(context))
+        partition = _partition(context)
+        held = 0 <= partition < data.num_clients
         info = ConfigRecord(
             {
-                "partition-id": _partition(context),
+                "partition-id": partition,
                 "input-shape": list(algorithm.task.input_shape),
                 "num-classes": algorithm.task.num_classes,
+                "data-digest": data.clients[partition].digest() if held else "",
             }
         )
         return Message(RecordDict({INFO_RECORD: info}), reply_to=message)
@@ -246,12 +249,16 @@ def make_client_app(
 # ----------------------------------------------------------------------------- server side
 
 
-def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[int, int], Task]:
+def connect_clients(
+    grid: Grid, num_clients: int, timeout: float
+) -> tuple[dict[int, int], Task, dict[int, str]]:
     """Ask every node which client it holds until all ``num_clients`` are there.
 
-    Returns partition id → node id, and the task (input shape, classes) the clients report, so
-    that the server builds its algorithm without touching any data.
+    Returns partition id → node id, the task (input shape, classes) the clients report, so
+    that the server builds its algorithm without touching any data, and partition id → the
+    digest of that client's data (for the checkpoint's record of what the run ran on).
     """
+    digests: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     nodes: dict[int, int] = {}
     asked: set[int] = set()
@@ -298,9 +305,10 @@ def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[
                 )
             else:
                 nodes[partition] = node
+                digests[partition] = str(info["data-digest"])
     assert task is not None
     log(INFO, "all %d clients connected", num_clients)
-    return nodes, task
+    return nodes, task, digests
 
 
 def serve(
@@ -324,14 +332,20 @@ def serve(
     elif resume:
         raise FedrirError("a resume needs the run's out-dir; set out-dir in the run config")
     rounds.check_someone_trains(config, config.data.clients)
-    nodes, task = connect_clients(grid, config.data.clients, timeout)
+    nodes, task, digests = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
+    setting = runs.run_setting(algorithm, [digests[p] for p in sorted(digests)])
+    if snapshot is not None and out is not None:
+        check_setting(snapshot, setting, out)
+        wall -= snapshot.wall_seconds
     ledger = None if snapshot is None else Ledger.restore(snapshot.history, snapshot.counters)
     checkpointer = None
     if out is not None:
         runs.start_files(out, config, [] if ledger is None else ledger.history)
         if runs.checkpointed(out, config):
-            checkpointer = Checkpointer(out / runs.CHECKPOINT_DIR, run_identity(config))
+            checkpointer = Checkpointer(
+                out / runs.CHECKPOINT_DIR, run_identity(config), setting, wall
+            )
         log(INFO, "fedrir: writing results to %s", out)
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
