@@ -171,6 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedrirError as e:
         print(f"fedrir: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate memory" not in str(e):
+            raise
+        print(
+            "fedrir: error: not enough memory for this run; lower --embed-dim, --batch-size, "
+            "--clients or --state-cache-mb",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("fedrir: interrupted", file=sys.stderr)
         return 130

@@ -12,19 +12,18 @@ manifest are deleted when the store reopens, so no state from the future is ever
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedrir.algorithms.base import Payload
 from fedrir.engine.ledger import COUNTERS
+from fedrir.engine.store import write_tensors
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write, strict_json
 
@@ -47,14 +46,6 @@ class Snapshot:
     (empty for checkpoints written before it was recorded)."""
     wall_seconds: float
     """Wall time of every process of the run up to this checkpoint."""
-
-
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -82,7 +73,7 @@ class Checkpointer:
         """Write the server payload, then the manifest naming it and the clients' files (which
         must be durable already); then delete the server payload it superseded."""
         server_file = f"{SERVER_PREFIX}{round_}.safetensors"
-        _save_tensors(self.directory / server_file, server)
+        write_tensors(self.directory / server_file, server, {})
         manifest = {
             "round": round_,
             "config": self.config_id,

@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedrir.algorithms.base import State
 from fedrir.errors import ConfigError, FedrirError
@@ -85,15 +85,26 @@ class StateCache(Generic[K]):
             self.evicted(victim, dropped)
 
 
-def write_state(path: Path, state: State, client: int) -> None:
-    """``client``'s ``state`` to ``path`` as safetensors, whole or not at all (temp file, fsync,
-    rename); the file names its client and its own name, so a file swapped for another is told."""
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """``tensors`` to ``path`` as safetensors (with metadata ``meta``), whole or not at all: a
+    temporary file, fsynced, then renamed; removed if writing fails (a full disk is an OSError)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={OWNER: str(client), NAME: path.name})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_state(path: Path, state: State, client: int) -> None:
+    """``client``'s ``state`` to ``path``; the file names its client and its own name, so a file
+    swapped for another is told."""
+    write_tensors(path, state, {OWNER: str(client), NAME: path.name})
 
 
 OWNER, NAME = "fedrir-client", "fedrir-file"
