@@ -7,6 +7,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fedrir import compare
 from fedrir.api import resume, run
@@ -130,8 +131,16 @@ def add_compare_command(subparsers: argparse._SubParsersAction[argparse.Argument
     p.set_defaults(handler=cmd_compare)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the problem, and where the flags are listed) rather
+    than a page of usage first; sub-commands are built with the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedrir",
         description="FedRIR personalized federated learning, its baselines, and Flower.",
     )
