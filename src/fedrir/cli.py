@@ -7,7 +7,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fedrir import compare
 from fedrir.api import resume, run
@@ -109,7 +109,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_compare_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``fedrir compare``."""
     p = subparsers.add_parser(
         "compare", help="run several algorithms × seeds on the same settings and tabulate them"
