@@ -571,50 +571,52 @@ def test_sigkill_then_resume_gives_the_same_summary(
 
 
 HOLDER = """
-import sys, time
+import contextlib, sys
 from pathlib import Path
 from fedrir.lock import folder_lock
 
-with folder_lock(Path(sys.argv[1])):
+with contextlib.ExitStack() as held:
+    for folder in sys.argv[1:]:
+        held.enter_context(folder_lock(Path(folder)))
     print("held", flush=True)
     sys.stdin.read()
 """
+"""Another process that holds the folders named on its command line until its stdin closes."""
 
 
 def test_a_second_writer_stops_at_once_naming_the_other_process(
     finished: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = tmp_path / "run"
+    run, grid, new = tmp_path / "run", tmp_path / "grid", tmp_path / "new"
     shutil.copytree(finished, run)
-    (tmp_path / "grid").mkdir()
-    (tmp_path / "new").mkdir()
-    before = digests(tmp_path)
+    grid.mkdir()
+    new.mkdir()
+    attempts = {
+        run: ["run", "--resume", str(run), "--rounds", "3"],
+        new: ["run", *base(cache), "--out", str(new)],
+        grid: ["compare", *base(cache), "--algorithms", "fedavg", "--out", str(grid)],
+    }
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    for folder, argv in [
-        (run, ["run", "--resume", str(run), "--rounds", "3"]),
-        (tmp_path / "new", ["run", *base(cache), "--out", str(tmp_path / "new")]),
-        (
-            tmp_path / "grid",
-            ["compare", *base(cache), "--algorithms", "fedavg", "--out", str(tmp_path / "grid")],
-        ),
-    ]:
-        holder = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(folder)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, *map(str, attempts)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = digests(tmp_path)
+        for folder, argv in attempts.items():
             code, err = call(argv, capsys)
-        finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait()
-        assert code == 2
-        assert_one_line(err, f"{folder} is in use by another fedrir process \\(pid {holder.pid} ")
-    assert digests(tmp_path) == before
+            assert code == 2
+            pattern = f"{folder} is in use by another fedrir process \\(pid {holder.pid} "
+            assert_one_line(err, pattern)
+        assert digests(tmp_path) == before
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
 
 
 def test_runs_started_together_get_their_own_folders(

@@ -129,12 +129,12 @@ def check_new(path: Path) -> None:
 
 
 def new_out_dir(config: Config, out: str | Path) -> Path:
-    """The folder a new run writes to (``"auto"``: a new one under ``runs/``, claimed now),
-    checked with :func:`check_new` before any data is loaded."""
+    """The folder a new run writes to (``"auto"``: a new one under ``runs/``, claimed now); the
+    run checks it (:func:`check_new`) under its lock (:func:`writing`), before loading data."""
     if str(out) == "":
         raise FedrirError("--out is empty; name a folder, or leave --out out for one under runs/")
     path = default_out_dir(config) if out == "auto" else Path(out)
-    check_new(path)
+    check_out_dir(path)
     return path
 
 

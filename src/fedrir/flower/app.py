@@ -328,7 +328,7 @@ def serve(
         if resume:
             snapshot = runs.resume_point(out, config)
         else:
-            runs.new_out_dir(config, out)
+            runs.check_new(out)
     elif resume:
         raise FedrirError("a resume needs the run's out-dir; set out-dir in the run config")
     rounds.check_someone_trains(config, config.data.clients)

@@ -76,7 +76,7 @@ def run_flower(
     runs.prepare(config)
     snapshot = runs.resume_point(out, config) if resume and out is not None else None
     results: list[RunResult] = []
-    errors: list[FedrirError] = []
+    errors: list[FedrirError | OSError] = []
     bar = Progress(config, 0 if snapshot is None else snapshot.round, progress, out)
     server = ServerApp()
 
@@ -90,7 +90,7 @@ def run_flower(
         timeout = float(APP_SETTINGS["timeout"])
         try:
             results.append(serve(grid, config, out, timeout, on_round=after_round, resume=resume))
-        except FedrirError as e:  # raised again below, in the caller's thread
+        except (FedrirError, OSError) as e:  # raised again below, in the caller's thread
             errors.append(e)
 
     try:
