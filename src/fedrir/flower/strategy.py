@@ -167,9 +167,9 @@ class FedrirStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         cur = self.current
         device = self.algorithm.runtime.device
-        answers = self._answers(replies, server_round + self.offset)
-        updates = []
         r = server_round + self.offset
+        answers = self._answers(replies, r)
+        updates = []
         for p, m in answers:
             self.files[p] = str(m.content.config_records[CONFIG_RECORD][STATE_FILE])
             numbers = m.content.metric_records[METRICS_RECORD]
