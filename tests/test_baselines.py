@@ -78,7 +78,6 @@ def make_config(name: str, **overrides: Any) -> Config:
         "lr": 2e-3,
         "head_epochs": 3,
         "checkpoint_every": 0,
-        "precision": "fp32",  # the thresholds hold whether or not the CPU has BF16
     }
     return with_overrides(Config(), base | overrides)
 
