@@ -42,9 +42,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = new_out_dir(config, args.out or "auto")
     try:
         if args.resume is not None:
-            result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)
+            rounds = getattr(args, "rounds", None)
+            result = resume(out, rounds, progress=not args.quiet, quiet=args.quiet)
         else:
-            result = run(config, out, progress=not args.quiet)
+            result = run(config, out, progress=not args.quiet, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"fedrir: interrupted; continue with: fedrir run --resume {out}", file=sys.stderr)
         return 130
@@ -165,7 +166,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar; on Flower, its warnings only"
+    )
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("datasets", help="list datasets and whether each is available here")

@@ -118,7 +118,10 @@ class Loopback:
         )
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 1),
+            ):
                 return
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise FedrirError(f"the SuperLink did not start:\n{self.log('superlink')}")
@@ -131,14 +134,16 @@ class Loopback:
         *,
         long_lived: bool = True,
         clientapp: Sequence[str] | None = None,
+        supernode: Sequence[str] | None = None,
     ) -> None:
         """The SuperNode holding client ``partition``. ``long_lived``: with process isolation
         and one ``fedrir clientapp`` beside it (``clientapp``: another command for that process,
         given the Runtime API's address and the SuperNode's pid as its last two arguments);
-        otherwise Flower's default, a new ClientApp process per message."""
+        otherwise Flower's default, a new ClientApp process per message. ``supernode``: a
+        command to run instead of ``flower-supernode`` (taking its arguments)."""
         runtime = free_port()
         cmd = [
-            str(FLOWER_BIN / "flower-supernode"),
+            *(supernode or [str(FLOWER_BIN / "flower-supernode")]),
             "--insecure",
             "--superlink",
             f"127.0.0.1:{self.port}",
@@ -170,6 +175,8 @@ class Loopback:
     ) -> subprocess.Popen[bytes]:
         """``flwr run . loopback --stream`` with ``config`` as run config (plus app
         ``settings``), results in ``out``; returns the running ``flwr`` process."""
+        if not (ROOT / "pyproject.toml").is_file():
+            raise FedrirError(f"flwr run . needs fedrir's checkout; {ROOT} has no pyproject.toml")
         values = to_run_config(config) | {"out-dir": str(out), **(settings or {})}
         run_config = " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
         flwr = str(FLOWER_BIN / "flwr")
@@ -214,14 +221,20 @@ class Loopback:
 
 
 @contextlib.contextmanager
-def loopback(folder: Path, clients: int, *, long_lived: bool = True) -> Iterator[Loopback]:
+def loopback(
+    folder: Path,
+    clients: int,
+    *,
+    long_lived: bool = True,
+    supernode: Sequence[str] | None = None,
+) -> Iterator[Loopback]:
     """A SuperLink and ``clients`` SuperNodes (each with its long-lived ClientApp when
     ``long_lived``), stopped on exit; an error if any process outlived the deployment."""
     dep = Loopback(folder)
     try:
         dep.start_superlink()
         for p in range(clients):
-            dep.start_supernode(p, clients, long_lived=long_lived)
+            dep.start_supernode(p, clients, long_lived=long_lived, supernode=supernode)
         yield dep
     finally:
         left = dep.close()
