@@ -32,7 +32,7 @@ RECIPE_PORTS = (9091, 9100, 9101, 9102)
 
 
 def digits(**overrides: object) -> Config:
-    base = {"dataset": "digits", "clients": 3, "rounds": 2, "alpha": 1.0, "checkpoint_every": 0}
+    base = {"dataset": "digits", "clients": 3, "rounds": 2, "alpha": 1.0}
     return with_overrides(Config(engine="flower"), base | overrides)
 
 
