@@ -23,7 +23,7 @@ from pathlib import Path
 
 from flwr.app import UserConfigValue
 
-from fedrir.config import Config
+from fedrir.config import Config, toml_value
 from fedrir.errors import FedrirError
 from fedrir.flower.app import to_run_config
 from fedrir.flower.runner import OFFLINE_ENV
@@ -39,15 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def toml_value(value: UserConfigValue) -> str:
-    """A run-config value as ``--run-config`` spells it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
 
 
 def processes_with_home(home: Path) -> list[int]:
