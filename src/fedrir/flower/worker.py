@@ -93,8 +93,16 @@ def run_task(
             reply = Message(Error(ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason), reply_to=message)
         else:
             try:
+                start = time.perf_counter()
                 reply = client_app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
+                log(
+                    INFO,
+                    "fedrir clientapp: %s message (round %s) handled in %.2f s",
+                    message.metadata.message_type,
+                    message.metadata.group_id or "-",
+                    time.perf_counter() - start,
+                )
             except Exception as ex:  # as flwr-clientapp: the server gets the error as a reply
                 log(ERROR, "ClientApp raised an exception", exc_info=ex)
                 reason = f"{type(ex)}:<'{ex}'>"
