@@ -7,8 +7,10 @@ and one ``fedrir clientapp``), and with ``--variants`` also Flower's default (a 
 process per message) and the long-lived setup with the SuperNode's idle poll shortened (a
 measurement of where the rest of the time goes, not something fedrir ships). A round's seconds
 are the records' (training + aggregation + evaluation: from sending the round's first message to
-the last reply closing it), the first round included. The target is the in-process round × 1.5
-plus the round's message bytes at ``--link-mbit``.
+the last reply closing it), the first round included; with long-lived ClientApps, also the
+busiest ClientApp's own seconds per round (from their logs): the rest of a deployed round is
+waiting. The target is the in-process round × 1.5 plus the round's message bytes at
+``--link-mbit``.
 
     python benchmarks/deployment.py [--variants] [--link-mbit 1000]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -64,6 +67,22 @@ def per_round(summary: dict[str, Any]) -> dict[str, float]:
     }
 
 
+HANDLED = re.compile(r"message \(round (\d+)\) handled in ([\d.]+) s")
+
+
+def busy_per_round(logs: Path) -> float | None:
+    """Mean over rounds of the busiest ClientApp's seconds in that round (training and
+    evaluation), from the ``fedrir clientapp`` logs; None without them."""
+    rounds: dict[str, list[float]] = {}
+    for path in logs.glob("clientapp-*.log"):
+        node: dict[str, float] = {}
+        for round_, seconds in HANDLED.findall(path.read_text(errors="replace")):
+            node[round_] = node.get(round_, 0.0) + float(seconds)
+        for round_, seconds in node.items():
+            rounds.setdefault(round_, []).append(seconds)
+    return sum(map(max, rounds.values())) / len(rounds) if rounds else None
+
+
 def deployed(config: Config, folder: Path, **options: Any) -> dict[str, float]:
     with loopback(folder, config.data.clients, **options) as dep:
         start = time.perf_counter()
@@ -72,7 +91,8 @@ def deployed(config: Config, folder: Path, **options: Any) -> dict[str, float]:
         if not (folder / "run" / "summary.json").exists():
             sys.exit(f"the deployed run failed:\n{dep.log('flwr-run')}")
     summary = json.loads((folder / "run" / "summary.json").read_text())
-    return per_round(summary) | {"wall": wall}
+    busy = busy_per_round(dep.logs)
+    return per_round(summary) | {"wall": wall} | ({} if busy is None else {"busy": busy})
 
 
 def main() -> None:
@@ -104,6 +124,8 @@ def main() -> None:
         for label, row in rows.items():
             ratio = row["seconds"] / sim["seconds"]
             wall = f", wall {row['wall']:.0f} s" if "wall" in row else ""
+            if "busy" in row:
+                wall += f", busiest ClientApp {row['busy']:.2f} s/round"
             print(
                 f"  {label:<52} {row['seconds']:6.2f} s/round  ×{ratio:5.2f}  "
                 f"{row['bytes'] / 2**20:6.2f} MiB/round  acc {100 * row['accuracy']:.2f} %{wall}"
