@@ -135,7 +135,10 @@ def serve_clientapps(
         while True:
             claimed = client.AcquireTask(request)
             if claimed.HasField("task") and claimed.token:
-                run_task(address, root_certificates, claimed.token, before_task)
+                try:
+                    run_task(address, root_certificates, claimed.token, before_task)
+                except Exception as ex:  # one failed task (e.g. its run was stopped), not the node
+                    log(ERROR, "fedrir clientapp: a task failed: %s", ex, exc_info=ex)
             else:
                 time.sleep(poll)
     finally:
