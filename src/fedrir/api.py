@@ -68,15 +68,18 @@ def run(
     *,
     progress: bool = False,
     on_round: OnRound | None = None,
+    quiet: bool = False,
 ) -> RunResult:
     """Run ``config`` from scratch. ``out="auto"`` makes a new folder under ``runs/``; ``None``
-    writes nothing (and cannot be resumed)."""
+    writes nothing (and cannot be resumed). ``quiet``: on Flower, its warnings and errors only."""
     path = None if out is None else runs.new_out_dir(config, out)
     with contextlib.ExitStack() as held, torch_threads(config):
         if path is not None:
             held.enter_context(runs.writing(path, new=True))
         if config.engine == "flower":
-            return runner.run_flower(config, path, progress=progress, on_round=on_round)
+            return runner.run_flower(
+                config, path, progress=progress, on_round=on_round, quiet=quiet
+            )
         return _execute(config, path, progress, False, on_round)
 
 
@@ -86,8 +89,10 @@ def resume(
     *,
     progress: bool = False,
     on_round: OnRound | None = None,
+    quiet: bool = False,
 ) -> RunResult:
-    """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``)."""
+    """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``);
+    ``quiet`` as for :func:`run`."""
     path = Path(out)
     if not (path / CONFIG_FILE).exists():
         raise FedrirError(
@@ -98,5 +103,5 @@ def resume(
         config = dataclasses.replace(config, rounds=rounds)
     with runs.writing(path, new=False), torch_threads(config):
         if config.engine == "flower":
-            return runner.run_flower(config, path, progress, on_round, resume=True)
+            return runner.run_flower(config, path, progress, on_round, resume=True, quiet=quiet)
         return _execute(config, path, progress, True, on_round)

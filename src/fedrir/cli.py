@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -43,9 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = new_out_dir(config, "auto" if args.out is None else args.out)
     try:
         if args.resume is not None:
-            result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)
+            rounds = getattr(args, "rounds", None)
+            result = resume(out, rounds, progress=not args.quiet, quiet=args.quiet)
         else:
-            result = run(config, out, progress=not args.quiet)
+            result = run(config, out, progress=not args.quiet, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"fedrir: interrupted; continue with: fedrir run --resume {out}", file=sys.stderr)
         return 130
@@ -111,6 +113,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clientapp(args: argparse.Namespace) -> int:
+    from fedrir.flower.worker import serve_clientapps  # Flower and torch: only for this command
+
+    certificates = None
+    if args.root_certificates is not None:
+        try:
+            certificates = Path(args.root_certificates).read_bytes()
+        except OSError as e:
+            raise FedrirError(
+                f"cannot read --root-certificates {args.root_certificates} ({e.strerror})"
+            ) from None
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)  # SIGINT here once the SuperNode is gone
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, or the SuperNode gone: done
+        serve_clientapps(args.runtime_api_address, certificates)
+    return 0
+
+
 def add_compare_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``fedrir compare``."""
     p = subparsers.add_parser(
@@ -154,7 +176,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar; on Flower, its warnings only"
+    )
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("datasets", help="list datasets and whether each is available here")
@@ -169,6 +193,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_partition)
 
     add_compare_command(sub)
+
+    p = sub.add_parser(
+        "clientapp",
+        help="serve a SuperNode's ClientApp messages from this one long-lived process",
+        description="Run beside a SuperNode started with --isolation process: claims the "
+        "node's ClientApp tasks one after another and runs fedrir's ClientApp in this process "
+        "(no new process, no new torch import per message). See docs/deployment.md.",
+    )
+    p.add_argument(
+        "--runtime-api-address",
+        default="127.0.0.1:9094",
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API: its --host and --port (default: 127.0.0.1:9094)",
+    )
+    p.add_argument(
+        "--root-certificates",
+        metavar="PEM",
+        help="CA of a Runtime API served with TLS (default: plain HTTP, for the node's loopback)",
+    )
+    p.add_argument(
+        "--parent-pid", type=int, metavar="PID", help="exit when this process (the SuperNode) ends"
+    )
+    p.set_defaults(handler=cmd_clientapp)
     return parser
 
 

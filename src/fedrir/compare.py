@@ -195,7 +195,7 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run ``algorithms`` × ``seeds`` under ``config`` into ``out`` (continuing a grid already
     there) and write ``results.csv``, ``results.md`` and ``curves.png``. Returns the table's rows
-    (keys :data:`fedrir.tables.COLUMNS`), sorted by final accuracy, highest first."""
+    (keys :data:`fedrir.tables.COLUMNS`), ranked by :func:`fedrir.tables.rank`."""
     algorithms, seeds, path = check_algorithms(algorithms), check_seeds(seeds), Path(out)
     if str(out) == "":
         raise ConfigError("--out is empty; name the grid's folder")
@@ -226,9 +226,8 @@ def _compare(
 
     finished = {(a, s): _finished(run_dir(path, a, s)) for a, s in grid}
     summaries = {cell: summary for cell, (summary, _) in finished.items()}
-    rows = sorted(
-        (tables.algorithm_row(a, [summaries[a, s] for s in seeds]) for a in algorithms),
-        key=lambda r: -r["final_accuracy_mean"],
+    rows = tables.rank(
+        [tables.algorithm_row(a, [summaries[a, s] for s in seeds]) for a in algorithms]
     )
     evaluated_on = summaries[grid[0]]["evaluated_on"]
     command = command or default_command(path, algorithms, seeds)

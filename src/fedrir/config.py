@@ -414,7 +414,7 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, source=str(p))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -426,14 +426,14 @@ def _toml_value(value: Any) -> str:
 def config_to_toml(config: Config) -> str:
     """Serialise a config to TOML that :func:`load_config` reads back to an equal config."""
     lines = [
-        f"{f.name} = {_toml_value(getattr(config, f.name))}"
+        f"{f.name} = {toml_value(getattr(config, f.name))}"
         for f in fields(Config)
         if f.name not in SECTIONS
     ]
     for section in SECTIONS:
         lines += ["", f"[{section}]"]
         sub = getattr(config, section)
-        lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in fields(sub)]
+        lines += [f"{f.name} = {toml_value(getattr(sub, f.name))}" for f in fields(sub)]
     return "\n".join(lines) + "\n"
 
 

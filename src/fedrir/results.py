@@ -73,13 +73,19 @@ def weighted_metrics(metrics: Sequence[tuple[Mapping[str, float], int]]) -> dict
     return {k: sum(m.get(k, 0.0) * n for m, n in metrics) / total for k in keys}
 
 
-def summarize(records: Sequence[RoundRecord], extra: dict[str, Any]) -> dict[str, Any]:
-    """The run's headline numbers: final *and* best accuracy, the spread, bytes and time."""
+def summarize(
+    records: Sequence[RoundRecord], clients: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's headline numbers: final *and* best accuracy, the spread, bytes and time.
+    ``final_accuracy_clients`` says how many of the ``clients`` the final accuracy covers, and
+    ``final_accuracy_partial`` flags a final accuracy over fewer (clients that dropped out)."""
     last = records[-1]
     best = max(records, key=lambda r: r.accuracy)
     seconds = last.elapsed
     return {
         "final_accuracy": last.accuracy,
+        "final_accuracy_clients": last.evaluated,
+        "final_accuracy_partial": last.evaluated < clients,
         "best_accuracy": best.accuracy,
         "best_round": best.round,
         "final_loss": last.loss,
@@ -179,8 +185,14 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table of a run's summary."""
+    final = f"{100 * summary['final_accuracy']:.2f} %"
+    if summary["final_accuracy_partial"]:
+        final += (
+            f" (PARTIAL: over {summary['final_accuracy_clients']} of {summary['clients']} "
+            "clients; the others dropped out)"
+        )
     rows = [
-        ("final accuracy", f"{100 * summary['final_accuracy']:.2f} %"),
+        ("final accuracy", final),
         (
             "best accuracy",
             f"{100 * summary['best_accuracy']:.2f} % (round {summary['best_round']})",

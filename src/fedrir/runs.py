@@ -258,6 +258,7 @@ def finish_run(
     config = algorithm.config
     summary = summarize(
         ledger.history,
+        config.data.clients,
         {
             "algorithm": config.algorithm,
             "dataset": config.data.dataset,

@@ -13,6 +13,7 @@ previous manifest's map deletes every newer file, so no state from the future is
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import time
@@ -55,10 +56,23 @@ def state_bytes(state: State) -> int:
 
 K = TypeVar("K", int, str)
 
+_TRIM_EVERY = 256 * 2**20
+"""Bytes of states dropped from a cache between two hand-backs of free memory to the system."""
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; None elsewhere
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free memory back to the system (glibc's ``malloc_trim``; nothing where
+    there is none). States streaming through a cache leave freed blocks scattered over the heap,
+    which glibc otherwise keeps: 1 GB of a 3.4 GB peak with 1 000 FedRIR clients on MNIST."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 class StateCache(Generic[K]):
     """States by key, least recently used first, holding at most ``budget`` bytes; each state
-    pushed out goes to ``evicted`` (possibly the one just put: its caller still holds it)."""
+    pushed out goes to ``evicted`` (possibly the one just put: its caller still holds it). Every
+    ``_TRIM_EVERY`` bytes pushed out, the freed memory goes back to the system."""
 
     def __init__(self, budget: int, evicted: Callable[[K, State], None]) -> None:
         if budget < 0:
@@ -67,6 +81,7 @@ class StateCache(Generic[K]):
         self.evicted: Callable[[K, State], None] = evicted
         self._states: OrderedDict[K, State] = OrderedDict()
         self._bytes = 0
+        self._dropped = 0  # bytes pushed out since memory was last given back
 
     def get(self, key: K) -> State | None:
         if key not in self._states:
@@ -82,7 +97,11 @@ class StateCache(Generic[K]):
         while self._bytes > self.budget:
             victim, dropped = self._states.popitem(last=False)
             self._bytes -= state_bytes(dropped)
+            self._dropped += state_bytes(dropped)
             self.evicted(victim, dropped)
+        if self._dropped >= _TRIM_EVERY:
+            self._dropped = 0
+            release_free_memory()
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
