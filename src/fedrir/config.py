@@ -243,6 +243,16 @@ class Config:
     ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see :mod:`fedrir.engine.codecs`)."""
     downlink: str = "none"
     """Codec of what the server broadcasts; the same forms as ``uplink``."""
+    new_clients: int = 0
+    """Clients held out of training (a seeded set of ``clients``): never selected nor aggregated,
+    they only receive the broadcast on new-client rounds, adapt and are scored (0: none)."""
+    new_client_every: int = 0
+    """Evaluate the new clients (and the global model) every this many rounds, on evaluation
+    rounds; the last round always (0: the last round only)."""
+    new_client_epochs: int = 1
+    """Epochs a new client trains its private parts on its training split, shared parts frozen."""
+    new_client_full: bool = False
+    """Also score new clients after training everything (shared parts too) for as many epochs."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fedrir: FedRIRConfig = field(default_factory=FedRIRConfig)
@@ -265,6 +275,14 @@ class Config:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.state_cache_mb >= 0, "state_cache_mb", "must be >= 0 (MiB)")
         _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(
+            0 <= self.new_clients < self.data.clients,
+            "new_clients",
+            f"{self.new_clients} must be >= 0 and leave at least one of the {self.data.clients} "
+            "clients to train; lower --new-clients or raise --clients",
+        )
+        _check(self.new_client_every >= 0, "new_client_every", "must be >= 0 (0: last round only)")
+        _check(self.new_client_epochs >= 0, "new_client_epochs", "must be >= 0")
         for key in ("uplink", "downlink"):
             try:
                 parse_codec(getattr(self, key))
