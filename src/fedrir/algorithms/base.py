@@ -11,9 +11,10 @@ An algorithm declares
 - personalized evaluation ``(payload, state, data, rng) → Evaluation``,
 - for clients that never trained (new clients) and for the global model: the zero-shot
   evaluation ``(payload, data) → Evaluation | None``, what the shared parts predict alone (None
-  where they cannot), and the adaptation ``(payload, initial state, data, rng, full) → State``,
-  which trains the private parts with the shared ones frozen (everything with ``full``); the
-  adapted state is then scored by the personalized evaluation.
+  where they cannot), and the adaptation ``(payload, initial state, data, rng, full) → (payload,
+  State)``, which trains the private parts with the shared ones frozen (everything with
+  ``full``, so the payload it returns may differ from the broadcast); what it returns is then
+  scored by the personalized evaluation.
 
 The in-process engine and the Flower adapter call exactly these methods; neither reaches into an
 algorithm's modules. Algorithms compute in a reusable *workspace* of modules, loading a client's
@@ -188,10 +189,11 @@ class Algorithm(ABC):
     @abstractmethod
     def adapt(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
-    ) -> State:
-        """A new client's state: ``state`` (its initial one) trained on ``data`` for
-        ``new_client_epochs`` epochs from the broadcast ``payload``, the shared parts frozen
-        (trained too with ``full``); must change neither ``payload`` nor ``state``."""
+    ) -> tuple[Payload, State]:
+        """A new client's model, as the payload and state its personalized evaluation takes:
+        ``state`` (its initial one) trained on ``data`` for ``new_client_epochs`` epochs from the
+        broadcast ``payload``, the shared parts frozen (so the payload returned is the
+        broadcast), or trained too with ``full``; must change neither ``payload`` nor ``state``."""
 
     def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
         """Sample-weighted mean of the uploads (FedAvg); unchanged when nobody uploaded."""

@@ -203,7 +203,7 @@ class Baseline(Algorithm):
 
     def adapt(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
-    ) -> State:
+    ) -> tuple[Payload, State]:
         """The private parameters (all with ``full``) trained with a fresh optimizer on
         ``_adapt_step``; the rest frozen. No private parameter: the state as it was loaded."""
         self._load(payload, state)
@@ -217,7 +217,9 @@ class Baseline(Algorithm):
             with frozen(params[n] for n in shared):
                 self._fit(data, rng, epochs, self._adapt_step(optimizer, rng))
             self.modules.zero_grad(set_to_none=True)
-        return self._save()
+        if full:
+            payload = payload | module_state(self.modules, keys=self.server_keys)
+        return payload, self._save()
 
     # --- training steps -----------------------------------------------------------------------
 

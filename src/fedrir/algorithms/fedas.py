@@ -95,7 +95,7 @@ class FedAS(Baseline):
 
     def adapt(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
-    ) -> State:
+    ) -> tuple[Payload, State]:
         """The broadcast extractor replaces the new client's own, then its head adapts."""
         own = state | {f"model/{k}": v for k, v in payload.items()}
         return super().adapt(payload, own, data, rng, full)

@@ -172,7 +172,7 @@ class FedRIR(Algorithm):
 
     def adapt(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
-    ) -> State:
+    ) -> tuple[Payload, State]:
         self.workspace.load(payload, state)
         self.modules.train()
         m, epochs = self.modules, self.config.new_client_epochs
@@ -190,7 +190,9 @@ class FedRIR(Algorithm):
             with frozen(() if full else gfe):
                 fit(self.runtime, data, rng, epochs, batch, self.classifier_step(stage2))
             self.modules.zero_grad(set_to_none=True)
-        return self.workspace.save(self.shared_keys)
+        if full:
+            payload = payload | module_state(self.modules, keys=self.shared_keys)
+        return payload, self.workspace.save(self.shared_keys)
 
     # --- the two stages, and prediction ----------------------------------------------------
 

@@ -115,7 +115,7 @@ class GPFL(Baseline):
 
     def adapt(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
-    ) -> State:
+    ) -> tuple[Payload, State]:
         self._load(payload, state)
         self._inputs(data)
         return super().adapt(payload, self._save(), data, rng, full)

@@ -102,8 +102,8 @@ def evaluate_new_client(
 
     def adapted(full: bool) -> Evaluation:
         rng = runtime.generator(streams.adapt_seed(config.seed, round_, client))
-        state = algorithm.adapt(server, start, data, rng, full)
-        return algorithm.evaluate(server, state, data, rng)
+        payload, state = algorithm.adapt(server, start, data, rng, full)
+        return algorithm.evaluate(payload, state, data, rng)
 
     return NewClientEvaluation(
         zero_shot=algorithm.evaluate_global(server, data),
