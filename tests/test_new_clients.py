@@ -218,8 +218,9 @@ def test_adapt_changes_neither_payload_nor_state(tmp_path: Path, algorithm: str)
     private = algo.parameter_counts()["private"] and algorithm not in ("fedavg", "fedbabu")
     assert (not same_tensors(adapted, state)) == bool(private)
     full_payload, _ = algo.adapt(payload, state, data.clients[0], algo.runtime.generator(0), True)
-    if payload and algorithm != "ditto":  # Ditto predicts with its personal model alone
-        assert not same_tensors(full_payload, payload)  # everything trained
+    # everything trained; but Ditto predicts with its personal model alone, FedProto shares
+    # no model (only prototypes, which a client does not change)
+    assert same_tensors(full_payload, payload) == (algorithm in ("ditto", "fedproto"))
     assert same_tensors(payload, before[0]) and same_tensors(state, before[1])
 
 
