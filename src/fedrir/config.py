@@ -37,6 +37,9 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+FOLDER_PREPROCESSING = ("resize", "authors")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split across clients, and where it lives."""
@@ -68,6 +71,11 @@ class DataConfig:
     """Download a dataset that is not found locally (from its official location, checksummed)."""
     allow_pickle: bool = False
     """Allow formats that need unpickling (CIFAR python format, PFLlib npz): trusted files only."""
+    folder_preprocessing: str = "resize"
+    """Office-Caltech-10 and DomainNet images: ``resize`` (bilinear to 64×64, pixels normalised to
+    [−1, 1], as PFLlib) or ``authors`` (the FedRIR code's: one random-resized crop, scale
+    0.75–1, to 64×64 and a random horizontal flip per image when the data is made, pixels in
+    [0, 1])."""
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, "clients", "need at least 1 client")
@@ -77,6 +85,7 @@ class DataConfig:
         _check(0 < self.train_ratio < 1, "train_ratio", "must be strictly between 0 and 1")
         _check(0 <= self.val_ratio < 1, "val_ratio", "must be in [0, 1)")
         _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]")
+        _one_of(self.folder_preprocessing, "folder_preprocessing", FOLDER_PREPROCESSING)
 
 
 @dataclass(frozen=True)
