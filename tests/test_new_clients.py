@@ -7,6 +7,7 @@ Data: scikit-learn's digits (bundled), 5 or 4 clients, a 32-wide feature, two ro
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from test_flower import LoopbackGrid, _task_identity
 
 import fedrir
+from fedrir import tables
 from fedrir.algorithms.base import Payload
 from fedrir.algorithms.baseline import Classifier
 from fedrir.config import Config, run_identity, with_overrides
@@ -255,3 +257,40 @@ def test_flower_gives_the_same_numbers(tmp_path: Path, algorithm: str) -> None:
     assert (sim.history[-1].global_accuracy is None) == (algorithm == "fedrir")
     sim_eval = sim.summary["bytes_evaluation_downloaded"]
     assert sim_eval <= flower.summary["bytes_evaluation_downloaded"] <= sim_eval + 4096 * 2 * 4
+
+
+def test_compare_tables_carry_the_numbers_and_na() -> None:
+    def summary(final: float, new: float | None, zero: float | None) -> dict[str, Any]:
+        return {
+            "final_accuracy": final,
+            "best_accuracy": final,
+            "client_accuracy_std": 0.01,
+            "bytes_uploaded_per_round": 1000.0,
+            "seconds_per_round": 1.0,
+            "parameters": {"shared": 10, "private": 5},
+            "global_accuracy": zero,
+            "new_client_accuracy": new,
+            "new_client_zero_shot_accuracy": zero,
+            "new_client_full_accuracy": None,
+        }
+
+    fedavg = tables.algorithm_row("fedavg", [summary(0.9, 0.5, 0.5), summary(0.8, 0.7, 0.6)])
+    assert fedavg["new_client_accuracy_mean"] == pytest.approx(60.0)
+    assert fedavg["global_accuracy_std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
+    assert fedavg["new_client_full_accuracy_mean"] is None
+    fedper = tables.algorithm_row("fedper", [summary(0.9, 0.4, None)])
+    old = tables.algorithm_row(
+        "old", [{k: v for k, v in summary(0.9, 0.4, 0.3).items() if k not in GENERALIZATION}]
+    )
+    assert old["new_client_accuracy_mean"] is None  # a run from before these numbers
+    md = tables.to_markdown(
+        [fedavg, fedper],
+        with_overrides(Config(), {"new_clients": 2}),
+        [0, 1],
+        "test",
+        "cmd",
+        ("g", "r"),
+    )
+    assert "| fedavg | 85.00 ± 7.07 | 85.00 ± 7.07 | 1.00 | 55.00 ± 7.07 | 60.00 ± 14.14 |" in md
+    assert "| fedper | 90.00 | 90.00 | 1.00 | n/a | 40.00 | n/a |" in md
+    assert "n/a" not in tables.to_csv([fedavg])  # CSV: empty cells
