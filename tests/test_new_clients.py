@@ -199,6 +199,8 @@ def test_methods_without_a_global_model_write_null(tmp_path: Path) -> None:
     # no new clients: null new-client numbers, the global model still scored (FedAvg)
     plain = fedrir.run(small(tmp_path, algorithm="fedavg", new_clients=0), out=None).summary
     assert plain["new_client_accuracy"] is None and 0 < plain["global_accuracy"] <= 1
+    # FedAvg's personalized evaluation is its global model: the same number on the same clients
+    assert plain["global_accuracy"] == plain["final_accuracy"]
 
 
 # ----------------------------------------------------------------------------- the contract
