@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import fedrir
+from fedrir import tables
 from fedrir.compare import parse_seeds
 from fedrir.config import Config, with_overrides
 from fedrir.errors import FedrirError
@@ -70,14 +70,12 @@ def run_one(config: Config, out: Path) -> None:
         fedrir.run(config, out=out)
 
 
-def cell(values: list[float | None]) -> str:
-    if not values:
+def cell(summaries: list[dict[str, Any]], key: str) -> str:
+    """``key`` over the runs, as ``fedrir compare``'s tables write it (empty: no run yet)."""
+    if not summaries:
         return ""
-    if any(v is None for v in values):
-        return "n/a"
-    pct = [100 * v for v in values if v is not None]
-    mean = statistics.fmean(pct)
-    return f"{mean:.2f}" if len(pct) == 1 else f"{mean:.2f} ± {statistics.stdev(pct):.2f}"
+    mean, std = tables.optional_mean_std(summaries, key)
+    return tables.format_mean_std({f"{key}_mean": mean, f"{key}_std": std}, key)
 
 
 def section(out: Path, seeds: list[int], command: str, config: Config) -> str:
@@ -114,7 +112,7 @@ def section(out: Path, seeds: list[int], command: str, config: Config) -> str:
                 path = out / dataset / f"{variant}-seed{seed}" / SUMMARY_FILE
                 if path.exists():
                     summaries.append(json.loads(path.read_text()))
-            cells = [cell([s.get(key) for s in summaries]) for key, _ in COLUMNS]
+            cells = [cell(summaries, key) for key, _ in COLUMNS]
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {len(summaries)} |")
     return "\n".join([*lines, END]) + "\n"
 

@@ -26,14 +26,8 @@ from fedrir.engine import rounds
 from fedrir.engine.checkpoint import load_snapshot
 from fedrir.errors import ConfigError
 from fedrir.flower.app import make_client_app, serve
+from fedrir.results import GENERALIZATION
 from fedrir.runs import prepare
-
-GENERALIZATION = (
-    "global_accuracy",
-    "new_client_accuracy",
-    "new_client_zero_shot_accuracy",
-    "new_client_full_accuracy",
-)
 
 
 def small(cache: Path, **overrides: Any) -> Config:
