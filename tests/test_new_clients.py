@@ -187,6 +187,8 @@ def test_methods_without_a_global_model_write_null(tmp_path: Path) -> None:
     assert summary["new_client_zero_shot_accuracy"] is None
     assert summary["new_client_full_accuracy"] is None  # not asked for
     assert 0 < summary["new_client_accuracy"] <= 1
+    # the final accuracy covers every training client: the held-out ones do not make it partial
+    assert summary["final_accuracy_clients"] == 3 and summary["final_accuracy_partial"] is False
     assert summary == json.loads(json.dumps(result.summary))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["new_client_zero_shot_accuracy"] is None

@@ -26,9 +26,10 @@ from fedrir.config import (
     with_overrides,
 )
 from fedrir.errors import ConfigError, FedrirError
+from fedrir.lock import contents
 from fedrir.progress import GridProgress
 from fedrir.results import RoundRecord, atomic_write, plot_curves, read_metrics
-from fedrir.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, make_out_dir
+from fedrir.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, make_out_dir, writing
 
 GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES = (
     "compare.toml",
@@ -82,12 +83,7 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
     grid = out / GRID
     started = any((out / RUNS).glob(f"*/{CONFIG_FILE}"))
     if grid.exists() and started:
-        stored = load_config(grid)
-        differ = [
-            f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
-            for name in KEYS
-            if name not in PER_RUN and flat_value(stored, name) != flat_value(config, name)
-        ]
+        differ = _differences(load_config(grid), config, skip=PER_RUN)
         if differ:
             raise FedrirError(
                 f"{out} holds a compare with other settings ({'; '.join(differ)}); to continue "
@@ -95,7 +91,7 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
             )
         return
     make_out_dir(out)
-    if not grid.exists() and any(out.iterdir()):
+    if not grid.exists() and contents(out):
         raise FedrirError(f"{out} is not empty and holds no compare ({GRID}); pick another --out")
     header = (
         "# Settings shared by every run of the fedrir compare in this folder. The grid sets\n"
@@ -103,6 +99,25 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
         f"algorithms {','.join(algorithms)}, seeds {','.join(map(str, seeds))}).\n"
     )
     atomic_write(grid, header + config_to_toml(config))
+
+
+def _differences(stored: Config, config: Config, skip: Sequence[str] = ()) -> list[str]:
+    return [
+        f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
+        for name in KEYS
+        if name not in skip and flat_value(stored, name) != flat_value(config, name)
+    ]
+
+
+def _check_cell(path: Path, cell: Config) -> None:
+    """Refuse a grid one of whose runs was started (or extended) under other settings."""
+    if (path / CONFIG_FILE).exists():
+        differ = _differences(load_config(path / CONFIG_FILE), cell)
+        if differ:
+            raise FedrirError(
+                f"the run in {path} differs from the grid ({'; '.join(differ)}; was it extended "
+                "or edited?); delete that folder to redo it, or pick another --out"
+            )
 
 
 def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None:
@@ -180,24 +195,39 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run ``algorithms`` × ``seeds`` under ``config`` into ``out`` (continuing a grid already
     there) and write ``results.csv``, ``results.md`` and ``curves.png``. Returns the table's rows
-    (keys :data:`fedrir.tables.COLUMNS`), sorted by final accuracy, highest first."""
+    (keys :data:`fedrir.tables.COLUMNS`), ranked by :func:`fedrir.tables.rank`."""
     algorithms, seeds, path = check_algorithms(algorithms), check_seeds(seeds), Path(out)
+    if str(out) == "":
+        raise ConfigError("--out is empty; name the grid's folder")
+    with writing(path, new=False):
+        return _compare(config, algorithms, seeds, path, progress, command)
+
+
+def _compare(
+    config: Config,
+    algorithms: list[str],
+    seeds: list[int],
+    path: Path,
+    progress: bool,
+    command: str | None,
+) -> list[dict[str, Any]]:
     _claim(path, config, algorithms, seeds)
     # seed-major: after each seed, every algorithm has results on the same partitions
     grid = [(a, s) for s in seeds for a in algorithms]
+    cells = {(a, s): with_overrides(config, {"algorithm": a, "seed": s}) for a, s in grid}
+    for (a, s), cell in cells.items():
+        _check_cell(run_dir(path, a, s), cell)
     bar = GridProgress(len(grid) * config.rounds, progress)
     try:
         for i, (a, s) in enumerate(grid):
-            cell = with_overrides(config, {"algorithm": a, "seed": s})
-            _run_one(cell, run_dir(path, a, s), bar, i * config.rounds)
+            _run_one(cells[a, s], run_dir(path, a, s), bar, i * config.rounds)
     finally:
         bar.close()
 
     finished = {(a, s): _finished(run_dir(path, a, s)) for a, s in grid}
     summaries = {cell: summary for cell, (summary, _) in finished.items()}
-    rows = sorted(
-        (tables.algorithm_row(a, [summaries[a, s] for s in seeds]) for a in algorithms),
-        key=lambda r: -r["final_accuracy_mean"],
+    rows = tables.rank(
+        [tables.algorithm_row(a, [summaries[a, s] for s in seeds]) for a in algorithms]
     )
     evaluated_on = summaries[grid[0]]["evaluated_on"]
     command = command or default_command(path, algorithms, seeds)

@@ -32,11 +32,14 @@ COLUMNS = (
     "shared_parameters",
     "private_parameters",
     "seeds",
+    "partial_seeds",
 )
 """One row per algorithm. Accuracies are in %; ``*_std`` over seeds is the sample std (None for
 a single seed); ``client_accuracy_std`` is the final round's spread across clients, mean over
-seeds. The global and new-client accuracies (see :data:`fedrir.results.GENERALIZATION`) are None
-where a method has no such number (or a run predates them)."""
+seeds; ``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the
+federation (clients that dropped out): such a row is not ranked with the others. The global
+and new-client accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a method
+has no such number (or a run predates them)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -72,7 +75,14 @@ def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, 
         "shared_parameters": summaries[0]["parameters"]["shared"],
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
+        "partial_seeds": sum(bool(s.get("final_accuracy_partial")) for s in summaries),
     }
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows by final accuracy, highest first; rows with a partial final accuracy after all the
+    others (their accuracies cover fewer clients: not comparable)."""
+    return sorted(rows, key=lambda r: (r["partial_seeds"] > 0, -r["final_accuracy_mean"]))
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -119,7 +129,8 @@ def to_markdown(
         "clients), in %, as mean ± sample std over seeds. Client spread is the std of per-client "
         "accuracy at the final round, mean over seeds. Upload counts the bytes all clients send "
         "per round (MB = 10^6 bytes). Every method is reported as measured, under the same "
-        "settings and partitions. Rows are sorted by final accuracy, highest first. Global acc is "
+        "settings and partitions. Rows are sorted by final accuracy, highest first (rows marked "
+        "†, whose final accuracy covers fewer clients, after the others). Global acc is "
         "the global model (where a method has one) on every client's test data; new-client acc "
         f"scores the {config.new_clients} clients held out of training after "
         f"{config.new_client_epochs} epoch(s) of training their private parts on the broadcast "
@@ -131,7 +142,8 @@ def to_markdown(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['algorithm']} | {format_mean_std(r, 'final_accuracy')} "
+        f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} "
+        f"| {format_mean_std(r, 'final_accuracy')} "
         f"| {format_mean_std(r, 'best_accuracy')} "
         f"| {r['client_accuracy_std']:.2f} | {format_mean_std(r, 'global_accuracy')} "
         f"| {format_mean_std(r, 'new_client_accuracy')} "
@@ -141,6 +153,17 @@ def to_markdown(
         f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
         for r in rows
     ]
+    partial = [
+        f"{r['algorithm']} ({r['partial_seeds']} of {r['seeds']})"
+        for r in rows
+        if r["partial_seeds"]
+    ]
+    if partial:
+        lines += [
+            "",
+            "† Not ranked: the final accuracy covers fewer clients than the federation (clients "
+            f"dropped out) in some seeds: {', '.join(partial)}. Listed after the complete rows.",
+        ]
     return "\n".join(lines) + "\n"
 
 

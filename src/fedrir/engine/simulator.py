@@ -22,7 +22,7 @@ from fedrir.config import Config
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer, Snapshot
-from fedrir.engine.ledger import Ledger, Traffic
+from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.engine.store import ClientStore
 from fedrir.results import RoundRecord
 
@@ -76,11 +76,13 @@ def simulate(
         for c in plan.participants:  # a dropped client fails mid-round: nothing comes back
             rng = runtime.generator(streams.train_seed(config.seed, r, c))
             update = algorithm.local_update(state.server, store.get(c), data.clients[c], rng)
+            check_update(r, c, update.payload, update.metrics)
             store.put(c, update.state)
             updates.append((update.payload, update.num_examples))
             trained.append((update.metrics, update.num_examples))
             up += payload_bytes(update.payload)
         state.server = algorithm.aggregate(state.server, updates)
+        check_aggregate(r, state.server)
         state.round = r
         evaluations, global_evaluations, new = None, None, {}
         if rounds.is_eval_round(config, r):

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrir.algorithms.base import Algorithm, NewClientEvaluation, Payload, payload_bytes
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer
-from fedrir.engine.ledger import Ledger, Traffic
+from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.errors import FedrirError
 from fedrir.flower.records import (
     evaluation_from,
@@ -185,17 +185,20 @@ class FedrirStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         cur = self.current
         device = self.algorithm.runtime.device
-        answers = self._answers(replies, server_round + self.offset)
+        r = server_round + self.offset
+        answers = self._answers(replies, r)
         updates = []
         for p, m in answers:
             self.files[p] = str(m.content.config_records[CONFIG_RECORD][STATE_FILE])
             numbers = m.content.metric_records[METRICS_RECORD]
             n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
-            updates.append((from_record(m.content.array_records[PAYLOAD_RECORD], device), n))
-            cur.trained.append(
-                ({k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}, n)  # type: ignore[arg-type]
-            )
+            payload = from_record(m.content.array_records[PAYLOAD_RECORD], device)
+            metrics = {k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}  # type: ignore[arg-type]
+            check_update(r, p, payload, metrics)
+            updates.append((payload, n))
+            cur.trained.append((metrics, n))
         cur.server = self.algorithm.aggregate(cur.server, updates)
+        check_aggregate(r, cur.server)
         cur.traffic = Traffic(
             bytes_up=sum(payload_bytes(p) for p, _ in updates),
             bytes_down=cur.bytes_down,
