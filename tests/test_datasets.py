@@ -27,6 +27,7 @@ from PIL import Image
 from fedrir.config import Config, DataConfig, with_overrides
 from fedrir.data.datasets import DATASETS, describe_datasets, load_dataset, subset
 from fedrir.data.download import download, extract_tar
+from fedrir.data.federated import build_federated
 from fedrir.data.sources import mnist as mnist_source
 from fedrir.data.sources.idx import FMNIST_SYSTEM_DIR, IDX_FILES, read_idx
 from fedrir.data.sources.mnist import read_mnist_zarr
@@ -641,3 +642,32 @@ def test_describe_datasets(tmp_path: Path) -> None:
     for r in rows:
         assert set(r) == {"name", "available", "description", "how_to_get"}
         assert r["description"] and r["how_to_get"]
+
+
+def test_folder_preprocessing_of_the_authors(tmp_path: Path) -> None:
+    """One seeded random-resized crop and flip per image, pixels left in [0, 1]; PFLlib's resize
+    (the default) normalises to [-1, 1]."""
+    folder = tmp_path / "officecaltech10" / "amazon" / "mug"
+    folder.mkdir(parents=True)
+    across = np.tile(np.linspace(0, 255, 125), (90, 1))  # 90×125, bright to the right
+    down = np.tile(np.linspace(0, 255, 90)[:, None], (1, 125))
+    image = np.stack([across, down, np.zeros_like(down)], 2).astype(np.uint8)
+    for i in range(6):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    resized = load_dataset(cfg("officecaltech10", tmp_path), 0)
+    authors = load_dataset(cfg("officecaltech10", tmp_path, folder_preprocessing="authors"), 0)
+    again = load_dataset(cfg("officecaltech10", tmp_path, folder_preprocessing="authors"), 0)
+    assert authors.images.shape == resized.images.shape == (6, 3, 64, 64)
+    assert torch.equal(authors.images, again.images)  # the same folder, the same images
+    assert authors.unit_pixels and not resized.unit_pixels
+    # the six copies of one image were cropped (and some flipped) differently
+    assert len({bytes(img.numpy()) for img in authors.images}) == 6
+    assert len({bytes(img.numpy()) for img in resized.images}) == 1
+    left, right = authors.images[:, 0, :, :8].float().mean((1, 2)), authors.images[:, 0, :, -8:]
+    flipped = left > right.float().mean((1, 2))
+    assert 0 < int(flipped.sum()) < 6  # a flip puts the bright side left
+    one = cfg("officecaltech10", tmp_path, folder_preprocessing="authors", clients=1)
+    data = build_federated(dataclasses.replace(one, partition="iid", cache_dir=str(tmp_path)), 0, 2)
+    assert data.clients[0].train_x.min() >= 0 and data.clients[0].train_x.max() <= 1
+    with pytest.raises(ConfigError, match="folder_preprocessing"):
+        cfg("officecaltech10", tmp_path, folder_preprocessing="crop")

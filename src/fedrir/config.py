@@ -60,6 +60,9 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+FOLDER_PREPROCESSING = ("resize", "authors")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split across clients, and where it lives."""
@@ -91,6 +94,11 @@ class DataConfig:
     """Download a dataset that is not found locally (from its official location, checksummed)."""
     allow_pickle: bool = False
     """Allow formats that need unpickling (CIFAR python format, PFLlib npz): trusted files only."""
+    folder_preprocessing: str = "resize"
+    """Office-Caltech-10 and DomainNet images: ``resize`` (bilinear to 64×64, pixels normalised to
+    [−1, 1], as PFLlib) or ``authors`` (the FedRIR code's: one random-resized crop, scale
+    0.75–1, to 64×64 and a random horizontal flip per image when the data is made, pixels in
+    [0, 1])."""
 
     def __post_init__(self) -> None:
         _check_ints(self)
@@ -101,6 +109,7 @@ class DataConfig:
         _check(0 < self.train_ratio < 1, "train_ratio", "must be strictly between 0 and 1")
         _check(0 <= self.val_ratio < 1, "val_ratio", "must be in [0, 1)")
         _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]")
+        _one_of(self.folder_preprocessing, "folder_preprocessing", FOLDER_PREPROCESSING)
 
 
 @dataclass(frozen=True)
@@ -270,6 +279,16 @@ class Config:
     ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see :mod:`fedrir.engine.codecs`)."""
     downlink: str = "none"
     """Codec of what the server broadcasts; the same forms as ``uplink``."""
+    new_clients: int = 0
+    """Clients held out of training (a seeded set of ``clients``): never selected nor aggregated,
+    they only receive the broadcast on new-client rounds, adapt and are scored (0: none)."""
+    new_client_every: int = 0
+    """Evaluate the new clients (and the global model) every this many rounds, on evaluation
+    rounds; the last round always (0: the last round only)."""
+    new_client_epochs: int = 1
+    """Epochs a new client trains its private parts on its training split, shared parts frozen."""
+    new_client_full: bool = False
+    """Also score new clients after training everything (shared parts too) for as many epochs."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fedrir: FedRIRConfig = field(default_factory=FedRIRConfig)
@@ -293,6 +312,14 @@ class Config:
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.state_cache_mb >= 0, "state_cache_mb", "must be >= 0 (MiB)")
         _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(
+            0 <= self.new_clients < self.data.clients,
+            "new_clients",
+            f"{self.new_clients} must be >= 0 and leave at least one of the {self.data.clients} "
+            "clients to train; lower --new-clients or raise --clients",
+        )
+        _check(self.new_client_every >= 0, "new_client_every", "must be >= 0 (0: last round only)")
+        _check(self.new_client_epochs >= 0, "new_client_epochs", "must be >= 0")
         for key in ("uplink", "downlink"):
             try:
                 parse_codec(getattr(self, key))

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrir.algorithms.base import Evaluation
+from fedrir.algorithms.base import Evaluation, NewClientEvaluation
 from fedrir.errors import FedrirError
 
 
@@ -42,6 +42,13 @@ class RoundRecord:
     seconds: float
     elapsed: float
     train: dict[str, float] = field(default_factory=dict)
+    global_accuracy: float | None = None
+    """The global model on the pooled test sets of the evaluated and the new clients, on
+    generalization rounds (see :func:`generalization`); None where the method has none."""
+    new_client_accuracy: float | None = None
+    """New clients after adapting their private parts, pooled; None without new clients."""
+    new_client_zero_shot_accuracy: float | None = None
+    new_client_full_accuracy: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +69,42 @@ def pooled(evaluations: Mapping[int, Evaluation]) -> dict[str, Any]:
         "client_accuracies": {str(c): evaluations[c].accuracy for c in sorted(evaluations)},
         "client_accuracy_std": std,
     }
+
+
+def pooled_accuracy(evaluations: Sequence[Evaluation | None]) -> float | None:
+    """Σ correct / Σ samples; None when there is nothing to pool or a part is n/a (None)."""
+    if not evaluations or any(e is None for e in evaluations):
+        return None
+    counts = [e for e in evaluations if e is not None]
+    total = sum(e.total for e in counts)
+    return sum(e.correct for e in counts) / total if total else 0.0
+
+
+def generalization(
+    global_evaluations: Mapping[int, Evaluation | None],
+    new_clients: Mapping[int, NewClientEvaluation],
+) -> dict[str, Any]:
+    """A generalization round's numbers: the global model on every client scored (its zero-shot
+    on the new ones), and the new clients' zero-shot, adapted and fully trained accuracies."""
+    new = [new_clients[c] for c in sorted(new_clients)]
+    zero_shot = [n.zero_shot for n in new]
+    return {
+        "global_accuracy": pooled_accuracy(
+            [global_evaluations[c] for c in sorted(global_evaluations)] + zero_shot
+        ),
+        "new_client_accuracy": pooled_accuracy([n.adapted for n in new]),
+        "new_client_zero_shot_accuracy": pooled_accuracy(zero_shot),
+        "new_client_full_accuracy": pooled_accuracy([n.full for n in new]),
+    }
+
+
+GENERALIZATION = (
+    "global_accuracy",
+    "new_client_accuracy",
+    "new_client_zero_shot_accuracy",
+    "new_client_full_accuracy",
+)
+"""The generalization numbers of a record, and of a summary (its last round's)."""
 
 
 def weighted_metrics(metrics: Sequence[tuple[Mapping[str, float], int]]) -> dict[str, float]:
@@ -96,6 +139,7 @@ def summarize(
         "bytes_uploaded_per_round": last.bytes_up_total / last.round,
         "seconds": seconds,
         "seconds_per_round": seconds / last.round,
+        **{name: getattr(last, name) for name in GENERALIZATION},
         **extra,
     }
 
@@ -198,6 +242,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{100 * summary['best_accuracy']:.2f} % (round {summary['best_round']})",
         ),
         ("client accuracy std", f"{100 * summary['client_accuracy_std']:.2f} %"),
+        *[
+            (name.replace("_", " "), f"{100 * summary[name]:.2f} %")
+            for name in GENERALIZATION
+            if summary.get(name) is not None
+        ],
         ("rounds", str(summary["rounds"])),
         ("uploaded", f"{summary['bytes_uploaded'] / 2**20:.1f} MiB"),
         ("downloaded", f"{summary['bytes_downloaded'] / 2**20:.1f} MiB"),

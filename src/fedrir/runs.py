@@ -260,7 +260,7 @@ def finish_run(
     config = algorithm.config
     summary = summarize(
         ledger.history,
-        config.data.clients,
+        config.data.clients - config.new_clients,  # the new clients never train nor count here
         {
             "algorithm": config.algorithm,
             "dataset": config.data.dataset,

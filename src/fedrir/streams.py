@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT, EVAL_SAMPLE = range(6)
+SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT, EVAL_SAMPLE, HOLD_OUT, ADAPT = range(8)
 """Purposes of the derived streams."""
 
 
@@ -26,6 +26,16 @@ def select_seed(seed: int, round_: int) -> int:
 def eval_sample_seed(seed: int, round_: int) -> int:
     """Which clients an intermediate evaluation round evaluates (``eval_clients`` > 0)."""
     return derive_seed(seed, round_, EVAL_SAMPLE)
+
+
+def hold_out_seed(seed: int) -> int:
+    """Which clients are held out of training as new clients (``new_clients`` > 0)."""
+    return derive_seed(seed, 0, HOLD_OUT)
+
+
+def adapt_seed(seed: int, round_: int, client: int) -> int:
+    """A new client's adaptation and scoring on ``round_``."""
+    return derive_seed(seed, round_, client, ADAPT)
 
 
 def train_seed(seed: int, round_: int, client: int) -> int:

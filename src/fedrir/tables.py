@@ -9,6 +9,7 @@ import statistics
 from typing import Any
 
 from fedrir.config import Config
+from fedrir.results import GENERALIZATION
 
 COLUMNS = (
     "algorithm",
@@ -17,6 +18,14 @@ COLUMNS = (
     "best_accuracy_mean",
     "best_accuracy_std",
     "client_accuracy_std",
+    "global_accuracy_mean",
+    "global_accuracy_std",
+    "new_client_accuracy_mean",
+    "new_client_accuracy_std",
+    "new_client_zero_shot_accuracy_mean",
+    "new_client_zero_shot_accuracy_std",
+    "new_client_full_accuracy_mean",
+    "new_client_full_accuracy_std",
     "bytes_uploaded_per_round",
     "mb_uploaded_per_round",
     "seconds_per_round",
@@ -28,11 +37,20 @@ COLUMNS = (
 """One row per algorithm. Accuracies are in %; ``*_std`` over seeds is the sample std (None for
 a single seed); ``client_accuracy_std`` is the final round's spread across clients, mean over
 seeds; ``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the
-federation (clients that dropped out): such a row is not ranked with the others."""
+federation (clients that dropped out): such a row is not ranked with the others. The global
+and new-client accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a method
+has no such number (or a run predates them)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def optional_mean_std(summaries: list[dict[str, Any]], key: str) -> tuple[float | None, ...]:
+    """Mean and std over seeds of ``key`` in %, or (None, None) where a run has no number."""
+    values = [s.get(key) for s in summaries]
+    present = [100 * v for v in values if v is not None]
+    return mean_std(present) if len(present) == len(values) else (None, None)
 
 
 def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -46,6 +64,11 @@ def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, 
         "best_accuracy_mean": best_mean,
         "best_accuracy_std": best_std,
         "client_accuracy_std": statistics.fmean(100 * s["client_accuracy_std"] for s in summaries),
+        **{
+            f"{name}_{stat}": value
+            for name in GENERALIZATION
+            for stat, value in zip(("mean", "std"), optional_mean_std(summaries, name), strict=True)
+        },
         "bytes_uploaded_per_round": up,
         "mb_uploaded_per_round": up / 1e6,
         "seconds_per_round": statistics.fmean(s["seconds_per_round"] for s in summaries),
@@ -71,8 +94,11 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def format_mean_std(row: dict[str, Any], name: str) -> str:
-    """A table row's ``<name>_mean ± <name>_std`` to two decimals (the mean alone for one seed)."""
+    """A table row's ``<name>_mean ± <name>_std`` to two decimals (the mean alone for one seed,
+    n/a where there is no mean)."""
     mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+    if mean is None:
+        return "n/a"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
@@ -104,17 +130,25 @@ def to_markdown(
         "accuracy at the final round, mean over seeds. Upload counts the bytes all clients send "
         "per round (MB = 10^6 bytes). Every method is reported as measured, under the same "
         "settings and partitions. Rows are sorted by final accuracy, highest first (rows marked "
-        "†, whose final accuracy covers fewer clients, after the others).",
+        "†, whose final accuracy covers fewer clients, after the others). Global acc is "
+        "the global model (where a method has one) on every client's test data; new-client acc "
+        f"scores the {config.new_clients} clients held out of training after "
+        f"{config.new_client_epochs} epoch(s) of training their private parts on the broadcast "
+        "(zero-shot: before, with the global model); n/a where a method has no such number.",
         "",
-        "| algorithm | final acc (%) | best acc (%) | client spread (%) | upload / round (bytes) "
+        "| algorithm | final acc (%) | best acc (%) | client spread (%) | global acc (%) "
+        "| new-client acc (%) | new-client zero-shot (%) | upload / round (bytes) "
         "| upload / round (MB) | s / round | shared params | private params | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} "
         f"| {format_mean_std(r, 'final_accuracy')} "
         f"| {format_mean_std(r, 'best_accuracy')} "
-        f"| {r['client_accuracy_std']:.2f} | {r['bytes_uploaded_per_round']:,.0f} "
+        f"| {r['client_accuracy_std']:.2f} | {format_mean_std(r, 'global_accuracy')} "
+        f"| {format_mean_std(r, 'new_client_accuracy')} "
+        f"| {format_mean_std(r, 'new_client_zero_shot_accuracy')} "
+        f"| {r['bytes_uploaded_per_round']:,.0f} "
         f"| {r['mb_uploaded_per_round']:.3f} | {r['seconds_per_round']:.2f} "
         f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
         for r in rows

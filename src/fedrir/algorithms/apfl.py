@@ -7,6 +7,9 @@ v̄ = α·v + (1 − α)·w (parameters mixed, as PFLlib does; w held fixed), i.
 and a gradient step on α, ∂f(v̄)/∂α = ⟨v − w, ∇f(v̄)⟩, with the local learning rate, clipped to
 [0, 1]. v̄ is what is evaluated; it runs with v's BatchNorm buffers, which track v̄'s activations.
 v, α and both optimizer states stay on the client.
+
+New clients: zero-shot and global evaluation are the global model w; the adaptation trains v
+through the mixture v̄ (α kept at its initial value, w frozen), and v̄ is scored.
 """
 
 from __future__ import annotations

@@ -8,7 +8,13 @@ An algorithm declares
   ``context.state``,
 - the local update ``(payload, state, data, rng) → Update``,
 - the aggregation ``(server payload, [(update payload, weight)]) → server payload``,
-- personalized evaluation ``(payload, state, data, rng) → Evaluation``.
+- personalized evaluation ``(payload, state, data, rng) → Evaluation``,
+- for clients that never trained (new clients) and for the global model: the zero-shot
+  evaluation ``(payload, data) → Evaluation | None``, what the shared parts predict alone (None
+  where they cannot), and the adaptation ``(payload, initial state, data, rng, full) → (payload,
+  State)``, which trains the private parts with the shared ones frozen (everything with
+  ``full``, so the payload it returns may differ from the broadcast); what it returns is then
+  scored by the personalized evaluation.
 
 The in-process engine and the Flower adapter call exactly these methods; neither reaches into an
 algorithm's modules. Algorithms compute in a reusable *workspace* of modules, loading a client's
@@ -94,6 +100,16 @@ class Evaluation:
         return self.correct / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class NewClientEvaluation:
+    """A new client's scores: zero-shot (None where the method has no global model), after
+    adapting its private parts, and after training everything (None unless asked for)."""
+
+    zero_shot: Evaluation | None
+    adapted: Evaluation
+    full: Evaluation | None = None
+
+
 def evaluate_predictions(
     runtime: Runtime, data: ClientData, predict: Callable[[torch.Tensor], torch.Tensor]
 ) -> Evaluation:
@@ -164,6 +180,20 @@ class Algorithm(ABC):
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator
     ) -> Evaluation:
         """Personalized evaluation on the client's local test set; must not change ``state``."""
+
+    def evaluate_global(self, payload: Payload, data: ClientData) -> Evaluation | None:
+        """Zero-shot: the shared parts alone (the global model) on ``data``'s evaluation set;
+        None where they cannot predict alone (the default)."""
+        return None
+
+    @abstractmethod
+    def adapt(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
+    ) -> tuple[Payload, State]:
+        """A new client's model, as the payload and state its personalized evaluation takes:
+        ``state`` (its initial one) trained on ``data`` for ``new_client_epochs`` epochs from the
+        broadcast ``payload``, the shared parts frozen (so the payload returned is the
+        broadcast), or trained too with ``full``; must change neither ``payload`` nor ``state``."""
 
     def aggregate(self, server: Payload, updates: Sequence[tuple[Payload, int]]) -> Payload:
         """Sample-weighted mean of the uploads (FedAvg); unchanged when nobody uploaded."""

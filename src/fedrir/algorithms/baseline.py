@@ -9,7 +9,10 @@ baselines differ only in
   ``_server_keys`` where a prefix is not enough (FedBN, FedBABU);
 - which optimizers step which parameters (``_param_groups``; each optimizer's state persists per
   client across rounds, as in FedRIR);
-- the local training (``_local_train``) and the prediction (``_predict``).
+- the local training (``_local_train``) and the prediction (``_predict``);
+- for new clients and the global model: ``global_model``, the submodule the server's payload
+  fills completely (zero-shot evaluation; none by default), and the adaptation step
+  (``_adapt_step``: by default CE of ``_predict``, stepping the private parameters only).
 
 Client state (see :mod:`~fedrir.algorithms.workspace`): every workspace entry the server does not
 hold, and the optimizers' states.
@@ -39,6 +42,8 @@ from fedrir.algorithms.workspace import (
     Step,
     Workspace,
     fit,
+    frozen,
+    load_module_state,
     make_optimizer,
     module_state,
     seeded_init,
@@ -94,6 +99,9 @@ class Baseline(Algorithm):
 
     shared: ClassVar[tuple[str, ...]]
     """Prefixes of the workspace keys that are uploaded and averaged."""
+    global_model: ClassVar[str | None] = None
+    """The submodule that is the global model ("": the whole workspace), all of it in the
+    payload, scored alone as the zero-shot and global evaluation; None: the method has none."""
     fine_tune: ClassVar[bool] = False
     """Fine-tune the whole model for ``ft_epochs`` before testing (fresh optimizer, state kept)."""
 
@@ -133,6 +141,10 @@ class Baseline(Algorithm):
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.modules(x)
+
+    def _adapt_step(self, optimizer: torch.optim.Optimizer, rng: torch.Generator) -> Step:
+        """A new client's adaptation step: CE of the prediction, ``optimizer`` stepping."""
+        return self._step([optimizer], self._predict)
 
     def _load(self, payload: Payload, state: State) -> None:
         self.workspace.load(payload, state)
@@ -181,6 +193,34 @@ class Baseline(Algorithm):
         self.modules.eval()
         return evaluate_predictions(self.runtime, data, self._predict)
 
+    def evaluate_global(self, payload: Payload, data: ClientData) -> Evaluation | None:
+        if self.global_model is None:
+            return None
+        model = self.modules.get_submodule(self.global_model)
+        load_module_state(model, payload, f"{self.global_model}." if self.global_model else "")
+        model.eval()
+        return evaluate_predictions(self.runtime, data, model)
+
+    def adapt(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
+    ) -> tuple[Payload, State]:
+        """The private parameters (all with ``full``) trained with a fresh optimizer on
+        ``_adapt_step``; the rest frozen. No private parameter: the state as it was loaded."""
+        self._load(payload, state)
+        params = self.workspace.params
+        shared = set() if full else {n for n in params if n in self.server_keys}
+        trainable = [p for n, p in params.items() if n not in shared and p.requires_grad]
+        epochs = self.config.new_client_epochs
+        if trainable and epochs:
+            optimizer = make_optimizer(self.config, trainable)
+            self.modules.train()
+            with frozen(params[n] for n in shared):
+                self._fit(data, rng, epochs, self._adapt_step(optimizer, rng))
+            self.modules.zero_grad(set_to_none=True)
+        if full:
+            payload = payload | module_state(self.modules, keys=self.server_keys)
+        return payload, self._save()
+
     # --- training steps -----------------------------------------------------------------------
 
     def _step(
@@ -216,9 +256,11 @@ class Baseline(Algorithm):
 
 class GlobalAndPersonal(Baseline):
     """Two whole classifiers per client: ``global`` (travels, BatchNorm buffers included) and
-    ``personal`` (stays); each has its own optimizer. The base of Ditto and APFL."""
+    ``personal`` (stays); each has its own optimizer. The base of Ditto and APFL. The global
+    classifier is the zero-shot and global model."""
 
     shared = ("global.",)
+    global_model = "global"
 
     def _build(self) -> nn.Module:
         return nn.ModuleDict({"global": self._classifier(), "personal": self._classifier()})

@@ -5,6 +5,9 @@ The global model is trained as in FedAvg and travels whole (parameters and Batch
 Each client also trains a personal model v on CE + (λ/2)‖v − w‖², w the global model received this
 round (λ = ``ditto_lambda``); v, its BatchNorm buffers and both optimizer states stay on the client,
 and v is what is evaluated. As in the standard implementation (PFLlib), v is trained first.
+
+New clients: zero-shot and global evaluation are the global model w; the adaptation trains the
+personal model v (from its initial state) on CE with w frozen, and v is scored.
 """
 
 from __future__ import annotations

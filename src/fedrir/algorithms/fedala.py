@@ -25,6 +25,9 @@ and the 10 losses are ``ALA``'s own defaults). Where this module differs, and wh
 - The BatchNorm buffers travel with the model, as for every baseline here (PFLlib moves only
   parameters); the local optimizer is the configured one, its state kept per client.
 
+New clients: zero-shot and global evaluation are the global model; nothing is private, so the
+adapted score is the global model's too (a new client's local model is the global one).
+
 Client state: ``model/<name>`` for the adaptively aggregated tensors of the local model (after
 its last training), ``ala/<name>`` for their weights W, and the optimizer state.
 """
@@ -55,6 +58,7 @@ class FedALA(Baseline):
 
     name = "fedala"
     shared = ("body.", "head.")
+    global_model = ""
 
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
         super().__init__(config, task, runtime)

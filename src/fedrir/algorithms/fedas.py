@@ -24,6 +24,9 @@ in evaluation mode (BatchNorm running statistics, untouched) as there. Where it 
 - BatchNorm buffers travel with the extractor, as for every baseline here (PFLlib moves parameters
   only). The local optimizer is the project's (Adam by default, its state kept per client).
 - Clients that are not selected do nothing; PFLlib has them compute a Fisher trace it never uses.
+
+New clients: no zero-shot evaluation (the head is the client's own); a new client takes the
+broadcast extractor as its own and trains its head on it, the extractor frozen.
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ class FedAS(Baseline):
     def _load(self, payload: Payload, state: State) -> None:
         """The client's own model only: FedAS evaluates it without the broadcast."""
         super()._load({}, state)
+
+    def adapt(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
+    ) -> tuple[Payload, State]:
+        """The broadcast extractor replaces the new client's own, then its head adapts."""
+        own = state | {f"model/{k}": v for k, v in payload.items()}
+        return super().adapt(payload, own, data, rng, full)
 
     def parameter_counts(self) -> dict[str, int]:
         shared = sum(p.numel() for n, p in self.workspace.params.items() if n in self.server_keys)

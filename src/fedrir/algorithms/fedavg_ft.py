@@ -3,6 +3,9 @@
 Training and communication are FedAvg's. To evaluate, each client fine-tunes a copy of the global
 model on its training set for ``ft_epochs`` epochs (fresh optimizer), the usual "FedAvg + FT"
 personalization baseline (e.g. Oh et al., ICLR 2022); the stored client state is not changed.
+
+New clients: zero-shot and global evaluation are the global model before fine-tuning; nothing is
+private, so the adapted score is that of the fine-tuned global model (its evaluation).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ Batch Normalization", ICLR 2021.
 
 Everything is shared and averaged except the BatchNorm layers: their affine parameters and running
 statistics stay on the client.
+
+New clients: no zero-shot evaluation (the shared model needs a client's BatchNorm layers); the
+adaptation trains the BatchNorm affine parameters on the frozen shared model.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Follows PFLlib (``clientcp.py``, ``servercp.py``; read, not copied). Where it di
   clients that trained that round (identical under full participation).
 - The Gumbel noise comes from the generator passed in, at evaluation too (PFLlib also samples it at
   evaluation, from the global RNG).
+
+New clients: no zero-shot evaluation (the prediction needs a personal head); the adaptation trains
+the personal head through the policy, extractor and CPN frozen, on CE of the summed logits.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from fedrir.algorithms.base import Evaluation, Payload, Runtime, State, Task, evaluate_predictions
 from fedrir.algorithms.baseline import Baseline, scored
+from fedrir.algorithms.workspace import Step
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.models.cnn import Encoder
@@ -147,6 +151,10 @@ class FedCP(Baseline):
             for p, g in zip(head.parameters(), global_head.parameters(), strict=True):
                 g.mul_(0.5).add_(p, alpha=0.5)
         return metrics
+
+    def _adapt_step(self, optimizer: torch.optim.Optimizer, rng: torch.Generator) -> Step:
+        context = self._context()
+        return self._step([optimizer], lambda x: self._forward(x, context, rng)[0])
 
     def evaluate(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator

@@ -22,6 +22,9 @@ This fits the contract (no extra round, nothing outside it) and costs one vector
 then broadcasts ḡ with the model every round (a vector of the feature width), so that clients
 that join later get it too. The optimizers (model and PRBM) are the configured one, each with its
 state kept per client (PFLlib: plain SGD for both).
+
+New clients: no zero-shot evaluation (the head sees the client's PRBM); the adaptation trains the
+PRBM under the frozen shared model, on CE.
 """
 
 from __future__ import annotations

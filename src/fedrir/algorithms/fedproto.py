@@ -22,6 +22,9 @@ model, as PFLlib's deep copies do. Where this module differs, and why:
 - A class nobody uploads in a round keeps its previous global prototype (PFLlib drops it until a
   client holding it is selected again): with partial participation, a prototype should not vanish
   because its holders sat a round out.
+- New clients: no zero-shot evaluation (nothing of a model is shared); a new client trains its
+  model (from its initial state) as a local update does, towards the global prototypes, and is
+  scored by the nearest global prototype.
 - Before any prototype exists every class scores alike (PFLlib reports no accuracy then). A class
   without a prototype cannot be predicted; its samples get an infinite test loss.
 """
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from fedrir.algorithms.base import Payload, State, Update
 from fedrir.algorithms.baseline import Baseline, Classifier, scored
+from fedrir.algorithms.workspace import Step
 from fedrir.data.types import ClientData
 
 PROTOS, COUNTS = "protos", "counts"
@@ -79,12 +83,14 @@ class FedProto(Baseline):
         assert isinstance(self.modules, Classifier)
         return self.modules
 
-    def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
+    def _proto_step(self, optimizer: torch.optim.Optimizer) -> Step:
+        """CE + λ · MSE to the global prototypes, ``optimizer`` stepping; the batch's
+        representations are summed per class into ``self.sums`` and ``self.counts``."""
         model, lam = self._model(), self.config.baselines.proto_lambda
         k, d = self.task.num_classes, self.config.train.embed_dim
         dev = self.runtime.device
-        sums = torch.zeros(k, d, device=dev)
-        counts = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.sums = sums = torch.zeros(k, d, device=dev)
+        self.counts = counts = torch.zeros(k, dtype=torch.int64, device=dev)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.runtime.autocast():
@@ -97,14 +103,22 @@ class FedProto(Baseline):
             total = loss + lam * F.mse_loss(features, target)
             self.modules.zero_grad(set_to_none=True)
             total.backward()
-            self.optimizers["local"].step()
+            optimizer.step()
             sums.index_add_(0, y, features.detach())
             counts.add_(torch.bincount(y, minlength=k))
             return scored(loss, logits, y)
 
+        return step
+
+    def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
+        step = self._proto_step(self.optimizers["local"])
         metrics = self._fit(data, rng, self.config.train.local_epochs, step)
-        self.upload = {PROTOS: sums / counts.clamp(min=1)[:, None], COUNTS: counts}
+        self.upload = {PROTOS: self.sums / self.counts.clamp(min=1)[:, None], COUNTS: self.counts}
         return metrics
+
+    def _adapt_step(self, optimizer: torch.optim.Optimizer, rng: torch.Generator) -> Step:
+        """A new client trains its model as a local update does, towards the global prototypes."""
+        return self._proto_step(optimizer)
 
     def local_update(
         self, payload: Payload, state: State, data: ClientData, rng: torch.Generator

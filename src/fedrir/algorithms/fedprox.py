@@ -3,7 +3,8 @@ Networks", MLSys 2020.
 
 FedAvg plus the proximal term (μ/2)‖w − w_global‖² in the local loss, over every parameter, with
 w_global the model received this round (μ = ``prox_mu``). Communication is FedAvg's: the whole
-model (parameters and BatchNorm buffers). With μ = 0 it is FedAvg, number for number.
+model (parameters and BatchNorm buffers). With μ = 0 it is FedAvg, number for number. New
+clients are scored as FedAvg's (the global model).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Personalized Federated Learning", ICML 2021.
 The body (with its BatchNorm buffers) is shared and averaged; the head is personal. A local update
 first trains the head for ``head_epochs`` epochs with the body frozen, then the body for
 ``local_epochs`` epochs with the head frozen, each with its own optimizer.
+
+New clients: no zero-shot evaluation (the head is personal); the adaptation trains the head on
+the frozen shared body.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ client). A round, per selected client:
 
 Only GFE *parameters* travel (BatchNorm statistics stay local, FedBN-like); the server takes the
 sample-weighted mean. Optimizer states persist on each client across rounds, as in the reference.
+
+New clients: there is no zero-shot evaluation (the head needs the client's own f_cs, so the GFE
+cannot predict alone). The adaptation is the local update with the GFE's parameters frozen:
+``new_client_epochs`` epochs of stage 1 (CSFE and generator), then as many of stage 2 (IDM and
+head), each with a fresh optimizer; with ``full`` the GFE trains in stage 2 too. The GFE's
+BatchNorm statistics, which are the client's own, follow the client's data in training mode.
 """
 
 from __future__ import annotations
@@ -37,7 +43,15 @@ from fedrir.algorithms.base import (
     Update,
     evaluate_predictions,
 )
-from fedrir.algorithms.workspace import Step, Workspace, fit, module_state, seeded_init
+from fedrir.algorithms.workspace import (
+    Step,
+    Workspace,
+    fit,
+    frozen,
+    make_optimizer,
+    module_state,
+    seeded_init,
+)
 from fedrir.config import Config
 from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
@@ -156,6 +170,30 @@ class FedRIR(Algorithm):
         self.modules.eval()
         return evaluate_predictions(self.runtime, data, self.predict)
 
+    def adapt(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
+    ) -> tuple[Payload, State]:
+        self.workspace.load(payload, state)
+        self.modules.train()
+        m, epochs = self.modules, self.config.new_client_epochs
+        batch, opts = self.config.train.batch_size, self.config.fedrir
+        private = [*m["head"].parameters()]
+        if opts.idm != "none":
+            private += m["idm"].parameters()
+        gfe = list(m[SHARED].parameters())
+        if epochs:
+            if opts.mcsl:
+                mcsl = [*m["csfe"].parameters(), *m["gen"].parameters()]
+                stage1 = make_optimizer(self.config, mcsl)
+                fit(self.runtime, data, rng, epochs, batch, self.mcsl_step(rng, stage1))
+            stage2 = make_optimizer(self.config, private + gfe if full else private)
+            with frozen(() if full else gfe):
+                fit(self.runtime, data, rng, epochs, batch, self.classifier_step(stage2))
+            self.modules.zero_grad(set_to_none=True)
+        if full:
+            payload = payload | module_state(self.modules, keys=self.shared_keys)
+        return payload, self.workspace.save(self.shared_keys)
+
     # --- the two stages, and prediction ----------------------------------------------------
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,9 +209,11 @@ class FedRIR(Algorithm):
         f_cs = self._features(x) if self.config.fedrir.mcsl else None
         return self._logits(self.modules[SHARED](x).float(), f_cs)
 
-    def mcsl_step(self, rng: torch.Generator) -> Step:
-        """Stage 1: masked reconstruction + KL; updates CSFE and generator only."""
-        opts, m, opt = self.config.fedrir, self.modules, self.workspace.optimizers["mcsl"]
+    def mcsl_step(self, rng: torch.Generator, opt: torch.optim.Optimizer | None = None) -> Step:
+        """Stage 1: masked reconstruction + KL; updates CSFE and generator only (with ``opt``,
+        by default the client's own optimizer of this stage)."""
+        opts, m = self.config.fedrir, self.modules
+        opt = opt or self.workspace.optimizers["mcsl"]
 
         def step(x: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
             masked = mask_patches(x, opts.mask_ratio, opts.patch_size, rng)
@@ -211,9 +251,11 @@ class FedRIR(Algorithm):
         bound = weight * club_bound(mu.float(), logvar.float(), f_cs)
         return fit, bound
 
-    def classifier_step(self) -> Step:
-        """Stage 2: CE + λ·IDM with the CSFE frozen; updates GFE, IDM and head."""
-        opts, m, opt = self.config.fedrir, self.modules, self.workspace.optimizers["cls"]
+    def classifier_step(self, opt: torch.optim.Optimizer | None = None) -> Step:
+        """Stage 2: CE + λ·IDM with the CSFE frozen; updates GFE, IDM and head (what ``opt``
+        steps, by default the client's own optimizer of this stage)."""
+        opts, m = self.config.fedrir, self.modules
+        opt = opt or self.workspace.optimizers["cls"]
         zero = torch.zeros((), device=self.runtime.device)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

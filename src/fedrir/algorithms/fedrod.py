@@ -6,6 +6,9 @@ A shared body and a *generic* head, trained with the balanced-softmax loss (Ren 
 the body's BatchNorm buffers); a *personal* head on top of the detached features, trained with
 plain CE on generic + personal logits, stays on the client. Prediction: generic + personal logits.
 Two optimizers, as in the standard implementation (PFLlib).
+
+New clients: zero-shot and global evaluation are the generic path (body and generic head); the
+adaptation trains the personal head on CE of generic + personal logits, the generic model frozen.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class FedRoD(Baseline):
 
     name = "fedrod"
     shared = ("global.",)
+    global_model = "global"
 
     def _build(self) -> nn.Module:
         head = nn.Linear(self.config.train.embed_dim, self.task.num_classes)

@@ -28,6 +28,10 @@ round's training and in evaluation (zero before the first round). Where it diffe
   batch).
 - A client that does not train in a round keeps its g and p; PFLlib recomputes them on every client
   from its previous GCE (identical under full participation).
+
+New clients: no zero-shot evaluation (the prediction is the personal head's); a new client takes
+g and p from the broadcast GCE and its class counts, then trains its head on CE, the shared
+extractor, GCE and CoV frozen.
 """
 
 from __future__ import annotations
@@ -99,6 +103,23 @@ class GPFL(Baseline):
     def _save(self) -> State:
         return super()._save() | dict(zip(INPUTS, (self.generic, self.personal), strict=True))
 
+    def _inputs(self, data: ClientData) -> None:
+        """g and p from the workspace's GCE: its mean row, and its rows weighted by the client's
+        class frequencies."""
+        gce = self.modules.get_submodule("gce")
+        assert isinstance(gce, nn.Embedding)
+        embeddings = gce.weight.detach()
+        counts = torch.bincount(data.train_y, minlength=self.task.num_classes).float()
+        self.generic = embeddings.mean(0)
+        self.personal = (counts / counts.sum()) @ embeddings
+
+    def adapt(
+        self, payload: Payload, state: State, data: ClientData, rng: torch.Generator, full: bool
+    ) -> tuple[Payload, State]:
+        self._load(payload, state)
+        self._inputs(data)
+        return super().adapt(payload, self._save(), data, rng, full)
+
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         body, head, gce, cov = map(self.modules.get_submodule, ("body", "head", "gce", "cov"))
         assert isinstance(gce, nn.Embedding)
@@ -125,11 +146,7 @@ class GPFL(Baseline):
             return scored(loss, logits, y)
 
         metrics = self._fit(data, rng, self.config.train.local_epochs, step)
-        # the next round's conditional inputs, from the GCE as trained here (PFLlib's order)
-        counts = torch.bincount(data.train_y, minlength=self.task.num_classes).float()
-        embeddings = table.detach()
-        self.generic = embeddings.mean(0)
-        self.personal = (counts / counts.sum()) @ embeddings
+        self._inputs(data)  # the next round's, from the GCE as trained here (PFLlib's order)
         return metrics
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:

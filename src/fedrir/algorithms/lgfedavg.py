@@ -3,6 +3,9 @@ Act Globally: Federated Learning with Local and Global Representations", arXiv:2
 
 The global layers (the linear head) are shared and averaged; the local representation (the body,
 with its BatchNorm layers) stays on the client. Trained jointly with one optimizer.
+
+New clients: no zero-shot evaluation (the body is personal); the adaptation trains a body under
+the frozen shared head.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ state holds is explicit: ``model/<key>`` for every module entry the payload does
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
@@ -81,6 +82,19 @@ def make_optimizer(
     if config.train.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.train.lr)
     return torch.optim.SGD(params, lr=config.train.lr)
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """No gradient for ``params`` inside the block (their ``requires_grad`` restored after)."""
+    saved = [(p, p.requires_grad) for p in params]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
 
 
 def batches(n: int, batch_size: int, rng: torch.Generator, drop_last: bool) -> list[torch.Tensor]:

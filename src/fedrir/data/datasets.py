@@ -187,6 +187,7 @@ def subset(ds: Dataset, fraction: float, seed: int) -> Dataset:
         domains=None if ds.domains is None else ds.domains[idx],
         domain_names=ds.domain_names,
         test_mask=None if ds.test_mask is None else ds.test_mask[idx],
+        unit_pixels=ds.unit_pixels,
     )
 
 

@@ -235,9 +235,11 @@ def make_partition(
     return partition
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels → float32 in [-1, 1]: scaled to [0, 1], then mean 0.5 and std 0.5 (PFLlib)."""
-    return images.to(torch.float32).div_(255.0).sub_(0.5).div_(0.5).contiguous()
+def _normalise(images: torch.Tensor, unit: bool) -> torch.Tensor:
+    """uint8 pixels → float32 in [-1, 1]: scaled to [0, 1], then mean 0.5 and std 0.5 (PFLlib);
+    ``unit``: scaled to [0, 1] only."""
+    scaled = images.to(torch.float32).div_(255.0)
+    return (scaled if unit else scaled.sub_(0.5).div_(0.5)).contiguous()
 
 
 def federate(dataset: Dataset, partition: Partition) -> FederatedData:
@@ -248,9 +250,9 @@ def federate(dataset: Dataset, partition: Partition) -> FederatedData:
         held = torch.from_numpy(partition.eval_idx(i))
         clients.append(
             ClientData(
-                train_x=_normalise(dataset.images[train]),
+                train_x=_normalise(dataset.images[train], dataset.unit_pixels),
                 train_y=dataset.labels[train].contiguous(),
-                eval_x=_normalise(dataset.images[held]),
+                eval_x=_normalise(dataset.images[held], dataset.unit_pixels),
                 eval_y=dataset.labels[held].contiguous(),
             )
         )

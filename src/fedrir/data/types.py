@@ -25,6 +25,9 @@ class Dataset:
     test_mask: torch.Tensor | None = None
     """For data that arrives already split per client (a PFLlib import): True where a sample was
     in its client's test set. The ``natural`` partition keeps that split instead of drawing one."""
+    unit_pixels: bool = False
+    """Pixels go to the model in [0, 1] (the FedRIR code's folder datasets), not normalised to
+    [−1, 1] (PFLlib's convention, everywhere else)."""
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.dim() == 4, self.images.shape

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from fedrir.algorithms.base import Evaluation, Payload
+from fedrir.algorithms.base import Evaluation, NewClientEvaluation, Payload
 from fedrir.errors import FedrirError
-from fedrir.results import RoundRecord, pooled, weighted_metrics
+from fedrir.results import RoundRecord, generalization, pooled, weighted_metrics
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,13 @@ class Ledger:
         seconds: float,
         evaluations: Mapping[int, Evaluation] | None,
         evaluation_download: int = 0,
+        global_evaluations: Mapping[int, Evaluation | None] | None = None,
+        new_clients: Mapping[int, NewClientEvaluation] | None = None,
     ) -> RoundRecord | None:
         """Add round ``round_`` to the totals; its record if it was evaluated (``evaluations``:
         each evaluated client's counts by id; ``evaluation_download``: the tensor bytes sent for
-        them)."""
+        them and for the new clients). On generalization rounds, ``global_evaluations`` holds the
+        global model's counts on the evaluated clients and ``new_clients`` the new clients'."""
         for f in fields(Traffic):
             setattr(self, f.name, getattr(self, f.name) + getattr(traffic, f.name))
         self.bytes_evaluation_downloaded += evaluation_download
@@ -89,6 +92,11 @@ class Ledger:
             elapsed=self.seconds,
             train=weighted_metrics(trained),
             **pooled(evaluations),
+            **(
+                {}
+                if global_evaluations is None
+                else generalization(global_evaluations, new_clients or {})
+            ),
         )
         self.history.append(record)
         return record

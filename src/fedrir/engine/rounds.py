@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrir import streams
-from fedrir.algorithms.base import Algorithm, Payload, State
+from fedrir.algorithms.base import Algorithm, Evaluation, NewClientEvaluation, Payload, State
 from fedrir.config import Config
+from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
 
 
@@ -29,12 +30,29 @@ class RoundPlan:
         return tuple(c for c in self.selected if c not in self.dropped)
 
 
+def new_clients(config: Config, num_clients: int) -> tuple[int, ...]:
+    """The clients held out of training (``new_clients`` of them, a seeded set; none by default)."""
+    if not config.new_clients:
+        return ()
+    rng = np.random.default_rng(streams.hold_out_seed(config.seed))
+    return tuple(sorted(int(c) for c in rng.choice(num_clients, config.new_clients, replace=False)))
+
+
+def training_clients(config: Config, num_clients: int) -> tuple[int, ...]:
+    """The clients that may be selected and are evaluated as trained: all but the new ones."""
+    held = set(new_clients(config, num_clients))
+    return tuple(c for c in range(num_clients) if c not in held)
+
+
 def plan_round(config: Config, round_: int, num_clients: int) -> RoundPlan:
-    """int(N · join_ratio) clients (at least 1), or a random count up to N with ``random_join``."""
+    """int(N · join_ratio) clients (at least 1), or a random count up to N with ``random_join``,
+    of the N training clients."""
+    pool = training_clients(config, num_clients)
+    n = len(pool)
     rng = np.random.default_rng(streams.select_seed(config.seed, round_))
-    base = max(1, int(num_clients * config.join_ratio))
-    count = int(rng.integers(base, num_clients + 1)) if config.random_join else base
-    selected = tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
+    base = max(1, int(n * config.join_ratio))
+    count = int(rng.integers(base, n + 1)) if config.random_join else base
+    selected = tuple(sorted(pool[int(c)] for c in rng.choice(n, count, replace=False)))
     fails = rng.random(len(selected)) < config.dropout
     return RoundPlan(selected, frozenset(c for c, f in zip(selected, fails, strict=True) if f))
 
@@ -56,13 +74,23 @@ def is_eval_round(config: Config, round_: int) -> bool:
 
 
 def evaluated_clients(config: Config, round_: int, num_clients: int) -> tuple[int, ...]:
-    """The clients an evaluation round evaluates: every one on the last round (and whenever
-    ``eval_clients`` is 0 or at least the client count), else a seeded sample of that many."""
+    """The training clients an evaluation round evaluates: every one on the last round (and
+    whenever ``eval_clients`` is 0 or at least their count), else a seeded sample of that many."""
+    pool = training_clients(config, num_clients)
     count = config.eval_clients
-    if round_ == config.rounds or not 0 < count < num_clients:
-        return tuple(range(num_clients))
+    if round_ == config.rounds or not 0 < count < len(pool):
+        return pool
     rng = np.random.default_rng(streams.eval_sample_seed(config.seed, round_))
-    return tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
+    return tuple(sorted(pool[int(c)] for c in rng.choice(len(pool), count, replace=False)))
+
+
+def is_generalization_round(config: Config, round_: int) -> bool:
+    """Whether the evaluation of ``round_`` also scores the global model and the new clients:
+    the last round, and every ``new_client_every`` rounds among the evaluation rounds."""
+    every = config.new_client_every
+    return is_eval_round(config, round_) and (
+        round_ == config.rounds or (every > 0 and round_ % every == 0)
+    )
 
 
 def initial_server(algorithm: Algorithm) -> Payload:
@@ -74,3 +102,24 @@ def initial_client(algorithm: Algorithm, client: int, initial: Payload) -> State
     """``client``'s private state before it first takes part: a function of the seed alone
     (``initial`` is :func:`initial_server`'s payload, computed once by the caller)."""
     return algorithm.init_client(streams.client_seed(algorithm.config.seed, client), initial)
+
+
+def evaluate_new_client(
+    algorithm: Algorithm, server: Payload, client: int, data: ClientData, round_: int
+) -> NewClientEvaluation:
+    """A new client on ``round_``: the global model on its data (zero-shot), then its initial
+    state adapted from the broadcast ``server`` and scored (and, with ``new_client_full``, the
+    same with everything trainable). Nothing is kept: the state is thrown away after."""
+    config, runtime = algorithm.config, algorithm.runtime
+    start = initial_client(algorithm, client, initial_server(algorithm))
+
+    def adapted(full: bool) -> Evaluation:
+        rng = runtime.generator(streams.adapt_seed(config.seed, round_, client))
+        payload, state = algorithm.adapt(server, start, data, rng, full)
+        return algorithm.evaluate(payload, state, data, rng)
+
+    return NewClientEvaluation(
+        zero_shot=algorithm.evaluate_global(server, data),
+        adapted=adapted(False),
+        full=adapted(True) if config.new_client_full else None,
+    )

@@ -1,8 +1,10 @@
 """The in-process simulator: the round loop, written once for every algorithm.
 
 Per round: plan (who takes part), local updates on the broadcast payload, aggregation, and on
-evaluation rounds personalized evaluation of every client (or of a seeded sample, on intermediate
-rounds with ``eval_clients``), then the round is closed (:mod:`.ledger`) and a checkpoint written.
+evaluation rounds personalized evaluation of every training client (or of a seeded sample, on
+intermediate rounds with ``eval_clients``), on generalization rounds also the global model on them
+and the new clients (adapted from their initial states, then thrown away), then the round is
+closed (:mod:`.ledger`) and a checkpoint written.
 Clients' states go through the :class:`~fedrir.engine.store.ClientStore`: loaded when the round
 touches a client, written back when they changed, never all in memory at once.
 """
@@ -82,8 +84,9 @@ def simulate(
         state.server = algorithm.aggregate(state.server, updates)
         check_aggregate(r, state.server)
         state.round = r
-        evaluations = None
+        evaluations, global_evaluations, new = None, None, {}
         if rounds.is_eval_round(config, r):
+            evaluated = rounds.evaluated_clients(config, r, data.num_clients)
             evaluations = {
                 c: algorithm.evaluate(
                     state.server,
@@ -91,7 +94,15 @@ def simulate(
                     data.clients[c],
                     runtime.generator(streams.eval_seed(config.seed, r, c)),
                 )
-                for c in rounds.evaluated_clients(config, r, data.num_clients)
+                for c in evaluated
+            }
+        if rounds.is_generalization_round(config, r):
+            global_evaluations = {
+                c: algorithm.evaluate_global(state.server, data.clients[c]) for c in evaluated
+            }
+            new = {
+                c: rounds.evaluate_new_client(algorithm, state.server, c, data.clients[c], r)
+                for c in rounds.new_clients(config, data.num_clients)
             }
         record = state.ledger.close(
             r,
@@ -100,7 +111,9 @@ def simulate(
             traffic=Traffic(up, down, up, down),
             seconds=time.perf_counter() - start,
             evaluations=evaluations,
-            evaluation_download=payload_bytes(state.server) * len(evaluations or ()),
+            evaluation_download=payload_bytes(state.server) * (len(evaluations or ()) + len(new)),
+            global_evaluations=global_evaluations,
+            new_clients=new,
         )
         if checkpointer is not None and (
             r == config.rounds or (config.checkpoint_every and r % config.checkpoint_every == 0)

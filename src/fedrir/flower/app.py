@@ -17,7 +17,9 @@ from the checkpointed states.
 Messages:
 - ``query``: the server asks each node which client it holds (and the input shape and classes);
 - ``train``: payload + round + state file → upload + sample count + training metrics + new file;
-- ``evaluate``: payload + round + state file → correct / total / loss sum on its evaluation set.
+- ``evaluate``: payload + round + state file → correct / total / loss sum on its evaluation set
+  (with ``generalize``: the global model's too); with ``new-client``, the client is a new one: it
+  adapts from its initial state and answers zero-shot, adapted (and full) counts, keeping nothing.
 """
 
 from __future__ import annotations
@@ -57,14 +59,20 @@ from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime, torch_threads
 from fedrir.engine.store import NodeStore
 from fedrir.errors import ConfigError, FedrirError
-from fedrir.flower.records import from_record, to_record
+from fedrir.flower.records import evaluation_metrics, from_record, to_record
 from fedrir.flower.strategy import (
+    ADAPTED,
     COMMITTED_FILE,
     CONFIG_RECORD,
+    FULL,
+    GENERALIZE,
+    GLOBAL,
     METRICS_RECORD,
+    NEW_CLIENT,
     NUM_EXAMPLES,
     PAYLOAD_RECORD,
     STATE_FILE,
+    ZERO_SHOT,
     FedrirStrategy,
     error_reason,
 )
@@ -233,16 +241,27 @@ def make_client_app(
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         config, algorithm, data, partition = _client(context, load)
-        round_ = int(message.content.config_records[CONFIG_RECORD]["round"])  # type: ignore[arg-type]
+        named = message.content.config_records[CONFIG_RECORD]
+        round_ = int(named["round"])  # type: ignore[arg-type]
         payload = from_record(
             message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
         )
-        rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
         with torch_threads(config):
-            store = _store(context, config, algorithm, state_dir)
-            state = _state(store, algorithm, partition, message)
-            ev = algorithm.evaluate(payload, state, data, rng)
-        metrics = MetricRecord({"correct": ev.correct, "total": ev.total, "loss-sum": ev.loss_sum})
+            if named.get(NEW_CLIENT, False):  # nothing stored: a new client's state is thrown away
+                new = rounds.evaluate_new_client(algorithm, payload, partition, data, round_)
+                counts = (
+                    evaluation_metrics(ZERO_SHOT, new.zero_shot)
+                    | evaluation_metrics(ADAPTED, new.adapted)
+                    | evaluation_metrics(FULL, new.full)
+                )
+            else:
+                rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
+                store = _store(context, config, algorithm, state_dir)
+                state = _state(store, algorithm, partition, message)
+                counts = evaluation_metrics("", algorithm.evaluate(payload, state, data, rng))
+                if named.get(GENERALIZE, False):
+                    counts |= evaluation_metrics(GLOBAL, algorithm.evaluate_global(payload, data))
+        metrics = MetricRecord(dict(counts))
         return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=message)
 
     return app

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedrir.algorithms.base import Payload
+from fedrir.algorithms.base import Evaluation, Payload
+from fedrir.errors import FedrirError
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -23,6 +24,37 @@ def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord, device: torch.device) -> Payload:
     """An ArrayRecord → tensors on ``device`` (used for payloads and client states alike)."""
     return {key: torch.from_numpy(array.numpy()).to(device) for key, array in record.items()}
+
+
+def evaluation_metrics(prefix: str, evaluation: Evaluation | None) -> dict[str, int | float]:
+    """An evaluation's counts as metric entries named ``<prefix>correct``, ``…total`` and
+    ``…loss-sum``; none for None (n/a)."""
+    if evaluation is None:
+        return {}
+    return {
+        f"{prefix}correct": evaluation.correct,
+        f"{prefix}total": evaluation.total,
+        f"{prefix}loss-sum": evaluation.loss_sum,
+    }
+
+
+def evaluation_from(metrics: MetricRecord, prefix: str) -> Evaluation | None:
+    """What :func:`evaluation_metrics` wrote under ``prefix`` (None if it wrote nothing)."""
+    if f"{prefix}correct" not in metrics:
+        return None
+    return Evaluation(
+        correct=int(metrics[f"{prefix}correct"]),  # type: ignore[arg-type]
+        total=int(metrics[f"{prefix}total"]),  # type: ignore[arg-type]
+        loss_sum=float(metrics[f"{prefix}loss-sum"]),  # type: ignore[arg-type]
+    )
+
+
+def required_evaluation(metrics: MetricRecord, prefix: str) -> Evaluation:
+    """:func:`evaluation_from`, for counts every reply of its kind carries."""
+    evaluation = evaluation_from(metrics, prefix)
+    if evaluation is None:
+        raise FedrirError(f"an evaluate reply has no {prefix or 'personalized '}counts")
+    return evaluation
 
 
 def message_bytes(messages: Iterable[Message]) -> int:

@@ -3,10 +3,11 @@
 Flower's ``Strategy.start`` runs the round loop (configure → send and receive → aggregate, for
 training and then for evaluation); this class only translates between that loop and the algorithm
 contract. Who trains follows :func:`fedrir.engine.rounds.plan_round` (partition ids mapped to node
-ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every client is
-evaluated; the round is closed by the same :class:`~fedrir.engine.ledger.Ledger` as in the
-in-process engine. Updates are aggregated in partition order so that the floating-point sums match
-that engine too.
+ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every training client
+is evaluated (on generalization rounds also with the global model, and the new clients, which
+adapt on their own nodes from the broadcast and keep nothing); the round is closed by the same
+:class:`~fedrir.engine.ledger.Ledger` as in the in-process engine. Updates are aggregated in
+partition order so that the floating-point sums match that engine too.
 
 Each message names the state file its client starts from; replies name the file written. At
 checkpoint rounds the server's payload and these names go into the checkpoint, from which a
@@ -26,12 +27,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrir.algorithms.base import Algorithm, Evaluation, Payload, payload_bytes
+from fedrir.algorithms.base import Algorithm, NewClientEvaluation, Payload, payload_bytes
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.errors import FedrirError
-from fedrir.flower.records import from_record, message_bytes, to_record
+from fedrir.flower.records import (
+    evaluation_from,
+    from_record,
+    message_bytes,
+    required_evaluation,
+    to_record,
+)
 from fedrir.results import RoundRecord
 
 # names of the records inside message contents, shared with the ClientApp
@@ -40,6 +47,11 @@ NUM_EXAMPLES = "num-examples"
 STATE_FILE, COMMITTED_FILE = "state-file", "committed-file"
 """Config-record keys: the file a client starts from (empty: its initial state; in a reply: the
 file it wrote), and the one the last checkpoint names (which the client must keep)."""
+GENERALIZE, NEW_CLIENT = "generalize", "new-client"
+"""Config-record flags of an evaluate message: score the global model too (a training client on a
+generalization round); this client is a new one (adapt from its initial state, keep nothing)."""
+GLOBAL, ZERO_SHOT, ADAPTED, FULL = "global-", "zero-shot-", "adapted-", "full-"
+"""Prefixes of the counts in evaluate replies besides the personalized ones (unprefixed)."""
 
 
 @dataclass
@@ -112,10 +124,16 @@ class FedrirStrategy(Strategy):
         log(INFO, "\t└──> clients (partition → node): %s", self.nodes)
 
     def _messages(
-        self, grid: Grid, partitions: Iterable[int], arrays: ArrayRecord, kind: str, round_: int
+        self,
+        grid: Grid,
+        partitions: Iterable[int],
+        arrays: ArrayRecord,
+        kind: str,
+        round_: int,
+        flags: Mapping[str, bool] | None = None,
     ) -> list[Message]:
         """One message per partition whose node is still connected (a gone node gets none):
-        the payload, the round, and the client's state files."""
+        the payload, the round, the client's state files, and ``flags``."""
         live = set(grid.get_node_ids())
         messages = []
         for p in partitions:
@@ -127,7 +145,7 @@ class FedrirStrategy(Strategy):
                 content = RecordDict(
                     {
                         PAYLOAD_RECORD: arrays,
-                        CONFIG_RECORD: ConfigRecord({"round": round_, **named}),
+                        CONFIG_RECORD: ConfigRecord({"round": round_, **named, **(flags or {})}),
                     }
                 )
                 messages.append(
@@ -196,7 +214,13 @@ class FedrirStrategy(Strategy):
         if not rounds.is_eval_round(self.config, r):
             return []
         evaluated = rounds.evaluated_clients(self.config, r, len(self.nodes))
-        messages = self._messages(grid, evaluated, arrays, MessageType.EVALUATE, r)
+        kind = MessageType.EVALUATE
+        if rounds.is_generalization_round(self.config, r):
+            new = rounds.new_clients(self.config, len(self.nodes))
+            messages = self._messages(grid, evaluated, arrays, kind, r, {GENERALIZE: True})
+            messages += self._messages(grid, new, arrays, kind, r, {NEW_CLIENT: True})
+        else:
+            messages = self._messages(grid, evaluated, arrays, kind, r)
         self.current.evaluation_download = payload_bytes(self.current.server) * len(messages)
         return messages
 
@@ -205,18 +229,27 @@ class FedrirStrategy(Strategy):
     ) -> MetricRecord | None:
         """Closes the round (Flower calls it every round): counters, and the record if evaluated."""
         cur, r = self.current, server_round + self.offset
-        evaluations = None
+        evaluations, global_evaluations, new = None, None, {}
         if rounds.is_eval_round(self.config, r):
-            evaluations = {
-                partition: Evaluation(
-                    correct=int(m.content.metric_records[METRICS_RECORD]["correct"]),  # type: ignore[arg-type]
-                    total=int(m.content.metric_records[METRICS_RECORD]["total"]),  # type: ignore[arg-type]
-                    loss_sum=float(m.content.metric_records[METRICS_RECORD]["loss-sum"]),  # type: ignore[arg-type]
-                )
-                for partition, m in self._answers(replies, r)
-            }
+            held = set(rounds.new_clients(self.config, len(self.nodes)))
+            answers = [
+                (p, m.content.metric_records[METRICS_RECORD]) for p, m in self._answers(replies, r)
+            ]
+            trained = [(p, m) for p, m in answers if p not in held]
+            evaluations = {p: required_evaluation(m, "") for p, m in trained}
             if not evaluations:
                 raise FedrirError(f"round {r}: no client answered the evaluation")
+            if rounds.is_generalization_round(self.config, r):
+                global_evaluations = {p: evaluation_from(m, GLOBAL) for p, m in trained}
+                new = {
+                    p: NewClientEvaluation(
+                        zero_shot=evaluation_from(m, ZERO_SHOT),
+                        adapted=required_evaluation(m, ADAPTED),
+                        full=evaluation_from(m, FULL),
+                    )
+                    for p, m in answers
+                    if p in held
+                }
         record = self.ledger.close(
             r,
             selected=cur.selected,
@@ -225,6 +258,8 @@ class FedrirStrategy(Strategy):
             seconds=time.perf_counter() - cur.start,
             evaluations=evaluations,
             evaluation_download=cur.evaluation_download,
+            global_evaluations=global_evaluations,
+            new_clients=new,
         )
         config = self.config
         if self.checkpointer is not None and (
