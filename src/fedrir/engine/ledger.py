@@ -5,9 +5,11 @@ round's numbers (who took part, bytes each way, seconds, training metrics) are a
 totals and, on evaluation rounds, pooled with the clients' evaluations into a
 :class:`~fedrir.results.RoundRecord`. A new field or rule of the records is added here only.
 
-Bytes come in two kinds, named apart: ``bytes_*`` are the tensor bytes of the payloads handed over
-(the same on either engine), ``message_bytes_*`` what the transport actually carried for them
-(Flower: the serialized messages; in-process, where nothing is serialized, the tensor bytes).
+Bytes come in three kinds, named apart: ``bytes_*`` are the tensor bytes of the encoded payloads
+handed over (every part a codec sends: values, indices, scales, headers; the same on either
+engine), ``raw_bytes_*`` those of the payloads before encoding (equal to ``bytes_*`` with the
+``none`` codec), and ``message_bytes_*`` what the transport actually carried (Flower: the serialized
+messages; in-process, where nothing is serialized, the encoded tensor bytes).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from fedrir.results import RoundRecord, pooled, weighted_metrics
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes one round moved: tensor bytes and the transport's message bytes, each way."""
+    """Bytes one round moved each way (encoded, before encoding, and the transport's messages),
+    and the seconds its codecs took."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     message_bytes_up: int = 0
     message_bytes_down: int = 0
+    raw_bytes_up: int = 0
+    raw_bytes_down: int = 0
+    codec_seconds: float = 0.0
 
 
 @dataclass
@@ -39,6 +45,9 @@ class Ledger:
     bytes_down: int = 0
     message_bytes_up: int = 0
     message_bytes_down: int = 0
+    raw_bytes_up: int = 0
+    raw_bytes_down: int = 0
+    codec_seconds: float = 0.0
     bytes_evaluation_downloaded: int = 0
     seconds: float = 0.0
 
@@ -71,6 +80,11 @@ class Ledger:
             bytes_down=traffic.bytes_down,
             message_bytes_up=traffic.message_bytes_up,
             message_bytes_down=traffic.message_bytes_down,
+            raw_bytes_up=traffic.raw_bytes_up,
+            raw_bytes_down=traffic.raw_bytes_down,
+            compression_up=ratio(traffic.raw_bytes_up, traffic.bytes_up),
+            compression_down=ratio(traffic.raw_bytes_down, traffic.bytes_down),
+            codec_seconds=traffic.codec_seconds,
             bytes_up_total=self.bytes_up,
             bytes_down_total=self.bytes_down,
             seconds=seconds,
@@ -91,6 +105,11 @@ class Ledger:
         for name in COUNTERS:
             setattr(ledger, name, type(getattr(ledger, name))(counters[name]))
         return ledger
+
+
+def ratio(raw: int, encoded: int) -> float:
+    """How many times fewer bytes the codec sent (1.0 when nothing was sent)."""
+    return raw / encoded if encoded else 1.0
 
 
 COUNTERS = tuple(f.name for f in fields(Ledger) if f.name != "history")

@@ -3,6 +3,8 @@
 Per round: plan (who takes part), local updates on the broadcast payload, aggregation, and on
 evaluation rounds personalized evaluation of every client (or of a seeded sample, on intermediate
 rounds with ``eval_clients``), then the round is closed (:mod:`.ledger`) and a checkpoint written.
+Everything that crosses between server and clients goes through the
+:class:`~fedrir.engine.transport.Transport` (the codecs), as on Flower.
 Clients' states go through the :class:`~fedrir.engine.store.ClientStore`: loaded when the round
 touches a client, written back when they changed, never all in memory at once.
 """
@@ -14,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrir import streams
 from fedrir.algorithms.base import Algorithm, Payload, payload_bytes
 from fedrir.config import Config
 from fedrir.data.types import FederatedData
@@ -22,6 +23,7 @@ from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer, Snapshot
 from fedrir.engine.ledger import Ledger, Traffic
 from fedrir.engine.store import ClientStore
+from fedrir.engine.transport import Transport
 from fedrir.results import RoundRecord
 
 
@@ -64,41 +66,51 @@ def simulate(
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
 ) -> SimState:
     """Run rounds ``state.round + 1 … config.rounds``; ``on_round(record, round)`` after each."""
-    runtime, store = algorithm.runtime, state.clients
+    store, transport = state.clients, Transport(algorithm)
     while state.round < config.rounds:
         start = time.perf_counter()
         r = state.round + 1
         plan = rounds.plan_round(config, r, data.num_clients)
-        down = payload_bytes(state.server) * len(plan.selected)
-        updates, trained, up = [], [], 0
+        sent = transport.broadcast(state.server, r)
+        codec_seconds = sent.seconds
+        updates, trained, up, raw_up = [], [], 0, 0
         for c in plan.participants:  # a dropped client fails mid-round: nothing comes back
-            rng = runtime.generator(streams.train_seed(config.seed, r, c))
-            update = algorithm.local_update(state.server, store.get(c), data.clients[c], rng)
+            update, seconds = transport.train(sent.received, store.get(c), data.clients[c], r, c)
             store.put(c, update.state)
-            updates.append((update.payload, update.num_examples))
+            upload, unpacking = transport.unpack(update.payload, sent.received)
+            codec_seconds += seconds + unpacking
+            updates.append((upload, update.num_examples))
             trained.append((update.metrics, update.num_examples))
             up += payload_bytes(update.payload)
+            raw_up += payload_bytes(upload)
         state.server = algorithm.aggregate(state.server, updates)
         state.round = r
-        evaluations = None
+        evaluations, evaluation_download = None, 0
         if rounds.is_eval_round(config, r):
+            shown = transport.broadcast(state.server, r, evaluation=True)
+            codec_seconds += shown.seconds
             evaluations = {
-                c: algorithm.evaluate(
-                    state.server,
-                    store.get(c),
-                    data.clients[c],
-                    runtime.generator(streams.eval_seed(config.seed, r, c)),
-                )
+                c: transport.evaluate(shown.received, store.get(c), data.clients[c], r, c)
                 for c in rounds.evaluated_clients(config, r, data.num_clients)
             }
+            evaluation_download = payload_bytes(shown.encoded) * len(evaluations)
+        down = payload_bytes(sent.encoded) * len(plan.selected)
         record = state.ledger.close(
             r,
             selected=len(plan.selected),
             trained=trained,
-            traffic=Traffic(up, down, up, down),
+            traffic=Traffic(
+                bytes_up=up,
+                bytes_down=down,
+                message_bytes_up=up,
+                message_bytes_down=down,
+                raw_bytes_up=raw_up,
+                raw_bytes_down=payload_bytes(sent.received) * len(plan.selected),
+                codec_seconds=codec_seconds,
+            ),
             seconds=time.perf_counter() - start,
             evaluations=evaluations,
-            evaluation_download=payload_bytes(state.server) * len(evaluations or ()),
+            evaluation_download=evaluation_download,
         )
         if checkpointer is not None and (
             r == config.rounds or (config.checkpoint_every and r % config.checkpoint_every == 0)
