@@ -28,15 +28,16 @@ Specs (the ``uplink`` / ``downlink`` config keys):
 
 Top-k sends its entries in index order, and their positions in whichever of two forms is smaller
 for the tensor: ``i``, the indices in the smallest integer dtype that holds them, or ``g``, the gaps
-between consecutive indices (minus one) as bytes, a gap of 255 or more written as that many 255s
-(each adding 255) and then its remainder. At R = 1 % the gaps average 100, so a position costs
+between consecutive indices (minus one) as bytes, a gap g of 255 or more as ⌊g / 255⌋ bytes 255
+(each adding 255) followed by g mod 255. At R = 1 % the gaps average 100, so a position costs
 about 1.1 bytes instead of 4 (int32 indices for tensors of more than 65 536 entries): with int8
 values top-k 1 % sends ~2.1 bytes per kept entry, ~190× fewer than float32, where int32 indices
 would cap it at 80×. At R = 0.1 % the gaps average 1000 and plain indices are smaller.
 
-Encoded keys are ``<key>/<part>``: ``v`` values, ``i`` indices or ``g`` gaps (above), ``s`` scales, ``h`` header (int32: dtype code, then the shape), ``r`` a tensor passed
-through as it is (anything but float32/64, float16 and bfloat16, e.g. BatchNorm's
-``num_batches_tracked``). ``decode`` needs nothing but the encoded dict and the codec.
+Encoded keys are ``<key>/<part>``: ``v`` values, ``i`` indices or ``g`` gaps (above), ``s``
+scales, ``h`` header (int32: dtype code, then the shape), ``r`` a tensor passed through as it is
+(anything but float32/64, float16 and bfloat16, e.g. BatchNorm's ``num_batches_tracked``).
+``decode`` needs nothing but the encoded dict and the codec.
 """
 
 from __future__ import annotations
