@@ -79,8 +79,11 @@ def _coded(t: torch.Tensor) -> bool:
 def _encode(
     codec: Codec, tensors: Payload, rng: torch.Generator, residual: Tensors | None
 ) -> tuple[Payload, Tensors | None]:
-    """The message: the tensors :func:`_coded` selects through ``codec``, the rest as they are."""
-    encoded, rest = codec.encode({k: t for k, t in tensors.items() if _coded(t)}, rng, residual)
+    """The message: the tensors :func:`_coded` selects through ``codec``, the rest as they are.
+    They are encoded in the order of their keys, so that the random draws do not depend on the
+    order a payload came in (a checkpoint's server payload comes back sorted by key)."""
+    coded = {k: tensors[k] for k in sorted(tensors) if _coded(tensors[k])}
+    encoded, rest = codec.encode(coded, rng, residual)
     raw = {RAW + k: t for k, t in tensors.items() if not _coded(t)}
     return raw | encoded, rest
 
