@@ -234,7 +234,7 @@ def test_compare_codecs_names_cells_and_tabulates_bytes(
         assert row["mb_uploaded_per_round"] == summary["bytes_uploaded_per_round"] / 1e6
     assert (out / "runs" / "fedavg-topk0.01+int8-seed0" / "summary.json").exists()
     assert by_codec["none"]["compression_up"] == 1.0
-    assert by_codec["topk:0.01+int8"]["compression_up"] > 100
+    assert by_codec["topk:0.01+int8"]["compression_up"] > 20  # a tiny model: vectors weigh more
     assert by_codec["none"]["mb_downloaded_per_round"] == by_codec["none"]["mb_uploaded_per_round"]
     md = (out / "results.md").read_text()
     assert "| fedavg | topk:0.01+int8 |" in md and "ratio up / down" in md
