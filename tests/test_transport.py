@@ -244,3 +244,33 @@ def test_compare_codecs_names_cells_and_tabulates_bytes(
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "'topk:2'" in err and "topk:R+C" in err
     assert not bad.exists()
+
+
+def test_a_checkpoint_from_before_codecs_resumes(tmp_path: Path) -> None:
+    """A manifest without the codec fields (as written before codecs were wired) resumes, its
+    rounds counted as sent unencoded, to the numbers of the uninterrupted run."""
+    cfg = tiny(tmp_path, rounds=2, checkpoint_every=1, clients=2)
+    reference = fedrir.run(cfg, out=None)
+    out = tmp_path / "run"
+
+    def stop_after_round_1(_: RoundRecord | None, round_: int) -> None:
+        if round_ == 1:
+            raise FedrirError("stopped on purpose after round 1")
+
+    with pytest.raises(FedrirError, match="stopped on purpose"):
+        fedrir.run(cfg, out=out, on_round=stop_after_round_1)
+    path = out / "checkpoint" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for name in ("raw_bytes_up", "raw_bytes_down", "codec_seconds"):
+        del manifest["counters"][name]
+    for record in manifest["history"]:
+        for name in ("raw_bytes_up", "raw_bytes_down", "compression_up", "compression_down"):
+            del record[name]
+        del record["codec_seconds"]
+    path.write_text(json.dumps(manifest))
+    resumed = fedrir.resume(out)
+    untimed = {"seconds": 0, "elapsed": 0}
+    assert [r.to_json() | untimed for r in resumed.history] == [
+        r.to_json() | untimed for r in reference.history
+    ]
+    assert resumed.summary["raw_bytes_uploaded"] == reference.summary["raw_bytes_uploaded"]

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedrir.algorithms.base import Payload
-from fedrir.engine.ledger import COUNTERS
+from fedrir.engine.ledger import BEFORE_CODECS, COUNTERS, RECORD_BEFORE_CODECS
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write
 
@@ -87,6 +87,8 @@ class Checkpointer:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     records = {f.name for f in fields(RoundRecord)}
+    before = records - RECORD_BEFORE_CODECS
+    counters = (set(COUNTERS), set(COUNTERS) - BEFORE_CODECS)
     try:
         data = json.loads(path.read_text())
         if not (
@@ -97,9 +99,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             and isinstance(data.get("clients"), dict)
             and all(k.isdigit() and isinstance(v, str) for k, v in data["clients"].items())
             and isinstance(data.get("history"), list)
-            and all(isinstance(r, dict) and set(r) == records for r in data["history"])
+            and all(isinstance(r, dict) and set(r) in (records, before) for r in data["history"])
             and isinstance(data.get("counters"), dict)
-            and set(data["counters"]) == set(COUNTERS)
+            and set(data["counters"]) in counters
         ):
             raise ValueError("not a fedrir checkpoint manifest")
         return data

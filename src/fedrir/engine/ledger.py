@@ -101,10 +101,27 @@ class Ledger:
 
     @classmethod
     def restore(cls, history: Sequence[Mapping[str, Any]], counters: Mapping[str, Any]) -> Ledger:
-        ledger = cls(history=[RoundRecord(**r) for r in history])
+        """The ledger a checkpoint holds; one written before codecs were wired sent everything
+        as it was (raw bytes = bytes, no codec time)."""
+        ledger = cls(history=[RoundRecord(**_as_sent(r)) for r in history])
+        before = {"raw_bytes_up": "bytes_up", "raw_bytes_down": "bytes_down"}
         for name in COUNTERS:
-            setattr(ledger, name, type(getattr(ledger, name))(counters[name]))
+            value = counters.get(name, counters.get(before.get(name, ""), 0))
+            setattr(ledger, name, type(getattr(ledger, name))(value))
         return ledger
+
+
+def _as_sent(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record``, with the codec fields of a round whose payloads went as they were if it
+    has none (written before codecs were wired)."""
+    sent = {
+        "raw_bytes_up": record["bytes_up"],
+        "raw_bytes_down": record["bytes_down"],
+        "compression_up": 1.0,
+        "compression_down": 1.0,
+        "codec_seconds": 0.0,
+    }
+    return sent | dict(record)
 
 
 def ratio(raw: int, encoded: int) -> float:
@@ -114,3 +131,7 @@ def ratio(raw: int, encoded: int) -> float:
 
 COUNTERS = tuple(f.name for f in fields(Ledger) if f.name != "history")
 """The running totals a checkpoint carries besides the history."""
+BEFORE_CODECS = frozenset({"raw_bytes_up", "raw_bytes_down", "codec_seconds"})
+"""The counters that a checkpoint written before codecs were wired lacks (restore fills them in)."""
+RECORD_BEFORE_CODECS = BEFORE_CODECS | {"compression_up", "compression_down"}
+"""The record fields such a checkpoint's history lacks (:func:`_as_sent` fills them in)."""
