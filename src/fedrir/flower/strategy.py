@@ -4,8 +4,9 @@ Flower's ``Strategy.start`` runs the round loop (configure → send and receive 
 training and then for evaluation); this class only translates between that loop and the algorithm
 contract. Who trains follows :func:`fedrir.engine.rounds.plan_round` (partition ids mapped to node
 ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every client is
-evaluated; the round is closed by the same :class:`~fedrir.engine.ledger.Ledger` as in the
-in-process engine. Updates are aggregated in partition order so that the floating-point sums match
+evaluated; payloads cross through the same :class:`~fedrir.engine.transport.Transport` (codecs)
+and the round is closed by the same :class:`~fedrir.engine.ledger.Ledger` as in the in-process
+engine. Updates are aggregated in partition order so that the floating-point sums match
 that engine too.
 
 Each message names the state file its client starts from; replies name the file written. At
