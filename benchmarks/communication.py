@@ -87,7 +87,8 @@ def main() -> None:
                 config = with_overrides(base, {"dataset": dataset})
                 out = grid(args.out, dataset)
                 compare(config, algorithms, seeds[:done], out, True, codecs=codecs)
-    command = shlex.join(["python", "benchmarks/communication.py", *sys.argv[1:]])
+    given = [a for a in sys.argv[1:] if a != "--report-only"]
+    command = shlex.join(["python", "benchmarks/communication.py", *given])
     found = {d: finished_runs(grid(args.out, d), algorithms, codecs, seeds) for d in datasets}
     plot(found, args.out / PLOT)
     write_section(args.results, section(found, command, args, base))
@@ -113,6 +114,26 @@ def finished_runs(out: Path, algorithms: list[str], codecs: list[str], seeds: li
                 if (f / "summary.json").exists()
             }
     return runs
+
+
+def unfinished(out: Path, algorithm: str, codec: str, seeds: list[int], rounds: int) -> str:
+    """The rest of a table row for a cell without a finished seed: how far its first started
+    seed got, and its bytes, ratio and codec share over the rounds recorded so far."""
+    for s in seeds:
+        metrics = run_dir(out, algorithm, s, codec) / "metrics.jsonl"
+        rows = read_metrics(metrics) if metrics.exists() else []
+        if rows:
+            last = rows[-1]
+            up = statistics.fmean(r["bytes_up"] for r in rows)
+            down = statistics.fmean(r["bytes_down"] for r in rows)
+            ratio = sum(r["raw_bytes_up"] for r in rows) / sum(r["bytes_up"] for r in rows)
+            share = sum(r["codec_seconds"] for r in rows) / sum(r["seconds"] for r in rows)
+            return (
+                f"unfinished: seed {s} at {100 * last['accuracy']:.2f} after round "
+                f"{last['round']} of {rounds} | | {up / 1e6:.3f} | {down / 1e6:.3f} "
+                f"| {ratio:.1f}× | {100 * share:.1f} % | |"
+            )
+    return "not run yet | | | | | | |"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -144,7 +165,9 @@ def section(found: dict[str, Runs], command: str, args: argparse.Namespace, base
     for dataset, runs in found.items():
         for (algorithm, codec), done in runs.items():
             if not done:
-                lines.append(f"| {dataset} | {algorithm} | {codec} | 0 | not run yet | | | | | | |")
+                where = grid(args.out, dataset)
+                state = unfinished(where, algorithm, codec, parse_seeds(args.seeds), base.rounds)
+                lines.append(f"| {dataset} | {algorithm} | {codec} | 0 | {state}")
                 continue
             summaries = [s for s, _ in done.values()]
             final = [100 * s["final_accuracy"] for s in summaries]
@@ -212,7 +235,8 @@ def plot(found: dict[str, Runs], path: Path) -> None:
             title=f"{dataset}, dir α = 0.1, 20 clients",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if done:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
