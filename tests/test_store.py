@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fedrir.engine.store
 from fedrir.algorithms.base import State
-from fedrir.engine.store import ClientStore, NodeStore, state_bytes
+from fedrir.engine.store import ClientStore, NodeStore, StateCache, state_bytes
 from fedrir.errors import ConfigError, FedrirError
 
 CPU = torch.device("cpu")
@@ -294,6 +295,21 @@ def test_file_damaged_after_open_is_reported_on_get(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:10])
     with pytest.raises(FedrirError, match=r"client 2's state file .* \(Error while deserializing"):
         store.get(2)
+
+
+def test_cache_gives_memory_back_each_time_enough_states_left_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released: list[int] = []
+    evicted: list[int] = []
+    monkeypatch.setattr(fedrir.engine.store, "_TRIM_EVERY", 2 * STATE_BYTES)
+    monkeypatch.setattr(fedrir.engine.store, "release_free_memory", lambda: released.append(1))
+    cache: StateCache[int] = StateCache(STATE_BYTES, lambda k, _: evicted.append(k))
+    for client in range(7):
+        cache.put(client, initial(client))
+    # six states pushed out, two at a time between hand-backs; the newest is still cached
+    assert evicted == [0, 1, 2, 3, 4, 5] and len(released) == 3
+    assert cache.get(6) is not None and cache.get(5) is None
 
 
 def test_state_bytes_and_negative_budget() -> None:

@@ -7,6 +7,7 @@ folder, finishing) is :mod:`fedrir.runs`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -32,16 +33,15 @@ def _execute(
 ) -> RunResult:
     wall = time.perf_counter()
     algorithm, data = runs.prepare(config)
-    snapshot = None
-    if out is not None:
-        runs.make_out_dir(out)
-        if resuming:
-            snapshot = runs.resume_point(out, config)
+    snapshot, checkpointer = None, None
+    setting = runs.run_setting(algorithm, [c.digest() for c in data.clients])
+    if out is not None and resuming:
+        snapshot = runs.resume_point(out, config, setting)
+        wall -= 0.0 if snapshot is None else snapshot.wall_seconds
     with runs.states_folder(out, config) as folder:
         state = open_state(algorithm, folder, config.state_cache_mb * 2**20, snapshot)
-        checkpointer = (
-            Checkpointer(folder, run_identity(config)) if runs.checkpointed(out, config) else None
-        )
+        if runs.checkpointed(out, config):
+            checkpointer = Checkpointer(folder, run_identity(config), setting, wall)
         if out is not None:
             runs.start_files(out, config, state.ledger.history)
         bar = Progress(config, state.round, progress, out)
@@ -68,13 +68,18 @@ def run(
     *,
     progress: bool = False,
     on_round: OnRound | None = None,
+    quiet: bool = False,
 ) -> RunResult:
     """Run ``config`` from scratch. ``out="auto"`` makes a new folder under ``runs/``; ``None``
-    writes nothing (and cannot be resumed)."""
+    writes nothing (and cannot be resumed). ``quiet``: on Flower, its warnings and errors only."""
     path = None if out is None else runs.new_out_dir(config, out)
-    with torch_threads(config):
+    with contextlib.ExitStack() as held, torch_threads(config):
+        if path is not None:
+            held.enter_context(runs.writing(path, new=True))
         if config.engine == "flower":
-            return runner.run_flower(config, path, progress=progress, on_round=on_round)
+            return runner.run_flower(
+                config, path, progress=progress, on_round=on_round, quiet=quiet
+            )
         return _execute(config, path, progress, False, on_round)
 
 
@@ -84,8 +89,10 @@ def resume(
     *,
     progress: bool = False,
     on_round: OnRound | None = None,
+    quiet: bool = False,
 ) -> RunResult:
-    """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``)."""
+    """Continue the run in ``out`` from its last checkpoint (optionally to more ``rounds``);
+    ``quiet`` as for :func:`run`."""
     path = Path(out)
     if not (path / CONFIG_FILE).exists():
         raise FedrirError(
@@ -94,7 +101,7 @@ def resume(
     config = load_config(path / CONFIG_FILE)
     if rounds is not None:
         config = dataclasses.replace(config, rounds=rounds)
-    with torch_threads(config):
+    with runs.writing(path, new=False), torch_threads(config):
         if config.engine == "flower":
-            return runner.run_flower(config, path, progress, on_round, resume=True)
+            return runner.run_flower(config, path, progress, on_round, resume=True, quiet=quiet)
         return _execute(config, path, progress, True, on_round)

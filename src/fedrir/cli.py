@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from fedrir import compare
 from fedrir.api import resume, run
@@ -17,7 +18,7 @@ from fedrir.data.federated import make_partition
 from fedrir.data.report import format_partition_table, partition_summary, plot_partition_heatmap
 from fedrir.errors import FedrirError
 from fedrir.flags import add_config_flags, as_flags, build_config, data_keys, flag, given
-from fedrir.results import format_summary
+from fedrir.results import format_summary, strict_json
 from fedrir.runs import RESULT_FILES, new_out_dir
 
 Handler = Callable[[argparse.Namespace], int]
@@ -29,7 +30,7 @@ Handler = Callable[[argparse.Namespace], int]
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         typed = [flag(n) for n in given(args) if n != "rounds"]
-        typed += ["--config"] * bool(args.config) + ["--out"] * bool(args.out)
+        typed += ["--config"] * (args.config is not None) + ["--out"] * (args.out is not None)
         if typed:
             raise FedrirError(
                 "--resume continues a run with its saved config.toml; only --rounds may be "
@@ -38,12 +39,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
     else:
         config = build_config(args)
-        out = new_out_dir(config, args.out or "auto")
+        out = new_out_dir(config, "auto" if args.out is None else args.out)
     try:
         if args.resume is not None:
-            result = resume(out, getattr(args, "rounds", None), progress=not args.quiet)
+            rounds = getattr(args, "rounds", None)
+            result = resume(out, rounds, progress=not args.quiet, quiet=args.quiet)
         else:
-            result = run(config, out, progress=not args.quiet)
+            result = run(config, out, progress=not args.quiet, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"fedrir: interrupted; continue with: fedrir run --resume {out}", file=sys.stderr)
         return 130
@@ -56,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     rows = describe_datasets(build_config(args).data)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -75,7 +77,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     dataset = load_dataset(config.data, config.seed)
     partition = make_partition(config.data, dataset, config.seed, config.train.batch_size)
     summary = partition_summary(dataset, partition)
-    print(json.dumps(summary) if args.json else format_partition_table(summary))
+    print(strict_json(summary) if args.json else format_partition_table(summary))
     if heatmap is not None:
         try:
             plot_partition_heatmap(summary, heatmap)
@@ -117,7 +119,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def cmd_clientapp(args: argparse.Namespace) -> int:
+    from fedrir.flower.worker import serve_clientapps  # Flower and torch: only for this command
+
+    certificates = None
+    if args.root_certificates is not None:
+        try:
+            certificates = Path(args.root_certificates).read_bytes()
+        except OSError as e:
+            raise FedrirError(
+                f"cannot read --root-certificates {args.root_certificates} ({e.strerror})"
+            ) from None
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)  # SIGINT here once the SuperNode is gone
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, or the SuperNode gone: done
+        serve_clientapps(args.runtime_api_address, certificates)
+    return 0
+
+
+def add_compare_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``fedrir compare``."""
     p = subparsers.add_parser(
         "compare", help="run several algorithms × seeds on the same settings and tabulate them"
@@ -145,8 +167,16 @@ def add_compare_command(subparsers: argparse._SubParsersAction[argparse.Argument
     p.set_defaults(handler=cmd_compare)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the problem, and where the flags are listed) rather
+    than a page of usage first; sub-commands are built with the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedrir",
         description="FedRIR personalized federated learning, its baselines, and Flower.",
     )
@@ -158,7 +188,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar; on Flower, its warnings only"
+    )
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("datasets", help="list datasets and whether each is available here")
@@ -173,6 +205,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_partition)
 
     add_compare_command(sub)
+
+    p = sub.add_parser(
+        "clientapp",
+        help="serve a SuperNode's ClientApp messages from this one long-lived process",
+        description="Run beside a SuperNode started with --isolation process: claims the "
+        "node's ClientApp tasks one after another and runs fedrir's ClientApp in this process "
+        "(no new process, no new torch import per message). See docs/deployment.md.",
+    )
+    p.add_argument(
+        "--runtime-api-address",
+        default="127.0.0.1:9094",
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API: its --host and --port (default: 127.0.0.1:9094)",
+    )
+    p.add_argument(
+        "--root-certificates",
+        metavar="PEM",
+        help="CA of a Runtime API served with TLS (default: plain HTTP, for the node's loopback)",
+    )
+    p.add_argument(
+        "--parent-pid", type=int, metavar="PID", help="exit when this process (the SuperNode) ends"
+    )
+    p.set_defaults(handler=cmd_clientapp)
     return parser
 
 
@@ -185,6 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except FedrirError as e:
         print(f"fedrir: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate memory" not in str(e):
+            raise
+        print(
+            "fedrir: error: not enough memory for this run; lower --embed-dim, --batch-size, "
+            "--clients or --state-cache-mb",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("fedrir: interrupted", file=sys.stderr)

@@ -29,9 +29,10 @@ from fedrir.config import (
 )
 from fedrir.engine.codecs import parse_codec
 from fedrir.errors import ConfigError, FedrirError
+from fedrir.lock import contents
 from fedrir.progress import GridProgress
 from fedrir.results import RoundRecord, atomic_write, plot_curves, read_metrics
-from fedrir.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, make_out_dir
+from fedrir.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, make_out_dir, writing
 
 GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES = (
     "compare.toml",
@@ -102,12 +103,7 @@ def _claim(
     grid = out / GRID
     started = any((out / RUNS).glob(f"*/{CONFIG_FILE}"))
     if grid.exists() and started:
-        stored = load_config(grid)
-        differ = [
-            f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
-            for name in KEYS
-            if name not in PER_RUN and flat_value(stored, name) != flat_value(config, name)
-        ]
+        differ = _differences(load_config(grid), config, skip=PER_RUN)
         if differ:
             raise FedrirError(
                 f"{out} holds a compare with other settings ({'; '.join(differ)}); to continue "
@@ -115,7 +111,7 @@ def _claim(
             )
         return
     make_out_dir(out)
-    if not grid.exists() and any(out.iterdir()):
+    if not grid.exists() and contents(out):
         raise FedrirError(f"{out} is not empty and holds no compare ({GRID}); pick another --out")
     header = (
         "# Settings shared by every run of the fedrir compare in this folder. The grid sets\n"
@@ -124,6 +120,25 @@ def _claim(
         f"seeds {','.join(map(str, seeds))}).\n"
     )
     atomic_write(grid, header + config_to_toml(config))
+
+
+def _differences(stored: Config, config: Config, skip: Sequence[str] = ()) -> list[str]:
+    return [
+        f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
+        for name in KEYS
+        if name not in skip and flat_value(stored, name) != flat_value(config, name)
+    ]
+
+
+def _check_cell(path: Path, cell: Config) -> None:
+    """Refuse a grid one of whose runs was started (or extended) under other settings."""
+    if (path / CONFIG_FILE).exists():
+        differ = _differences(load_config(path / CONFIG_FILE), cell)
+        if differ:
+            raise FedrirError(
+                f"the run in {path} differs from the grid ({'; '.join(differ)}; was it extended "
+                "or edited?); delete that folder to redo it, or pick another --out"
+            )
 
 
 def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None:
@@ -204,9 +219,24 @@ def compare(
     """Run ``algorithms`` × ``codecs`` (uplink codecs; default: the config's ``uplink`` alone) ×
     ``seeds`` under ``config`` into ``out`` (continuing a grid already there) and write
     ``results.csv``, ``results.md`` and ``curves.png``. Returns the table's rows (keys
-    :data:`fedrir.tables.COLUMNS`), sorted by final accuracy, highest first."""
+    :data:`fedrir.tables.COLUMNS`), ranked by :func:`fedrir.tables.rank`."""
     algorithms, seeds, path = check_algorithms(algorithms), check_seeds(seeds), Path(out)
     codecs = check_codecs([config.uplink] if codecs is None else codecs)
+    if str(out) == "":
+        raise ConfigError("--out is empty; name the grid's folder")
+    with writing(path, new=False):
+        return _compare(config, algorithms, seeds, codecs, path, progress, command)
+
+
+def _compare(
+    config: Config,
+    algorithms: list[str],
+    seeds: list[int],
+    codecs: list[str],
+    path: Path,
+    progress: bool,
+    command: str | None,
+) -> list[dict[str, Any]]:
     labelled = codecs != ["none"]  # cells' names say their codec unless the grid has none
 
     def where(a: str, c: str, s: int) -> Path:
@@ -214,21 +244,25 @@ def compare(
 
     _claim(path, config, algorithms, seeds, codecs)
     # seed-major: after each seed, every cell has results on the same partitions
-    cells = [(a, c) for a in algorithms for c in codecs]
-    grid = [(a, c, s) for s in seeds for a, c in cells]
+    pairs = [(a, c) for a in algorithms for c in codecs]
+    grid = [(a, c, s) for s in seeds for a, c in pairs]
+    cells = {
+        (a, c, s): with_overrides(config, {"algorithm": a, "seed": s, "uplink": c})
+        for a, c, s in grid
+    }
+    for (a, c, s), cell in cells.items():
+        _check_cell(where(a, c, s), cell)
     bar = GridProgress(len(grid) * config.rounds, progress)
     try:
         for i, (a, c, s) in enumerate(grid):
-            cell = with_overrides(config, {"algorithm": a, "seed": s, "uplink": c})
-            _run_one(cell, where(a, c, s), bar, i * config.rounds)
+            _run_one(cells[a, c, s], where(a, c, s), bar, i * config.rounds)
     finally:
         bar.close()
 
     finished = {(a, c, s): _finished(where(a, c, s)) for a, c, s in grid}
     summaries = {cell: summary for cell, (summary, _) in finished.items()}
-    rows = sorted(
-        (tables.algorithm_row(a, c, [summaries[a, c, s] for s in seeds]) for a, c in cells),
-        key=lambda r: -r["final_accuracy_mean"],
+    rows = tables.rank(
+        [tables.algorithm_row(a, c, [summaries[a, c, s] for s in seeds]) for a, c in pairs]
     )
     evaluated_on = summaries[grid[0]]["evaluated_on"]
     command = command or default_command(path, algorithms, seeds, codecs)
@@ -237,7 +271,7 @@ def compare(
     atomic_write(path / RESULTS_MD, markdown)
     curves = {
         (f"{a} {c}" if labelled else a): tables.mean_curve([finished[a, c, s][1] for s in seeds])
-        for a, c in cells
+        for a, c in pairs
     }
     d = config.data
     plot_curves(

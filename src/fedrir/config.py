@@ -33,6 +33,29 @@ def _finite_nonneg(value: float) -> bool:
     return value >= 0 and math.isfinite(value)
 
 
+INT_MAX = 2**31 - 1
+"""The largest any integer key may be: torch and numpy take many integer arguments as 32-bit, and
+a larger value overflows inside them (a traceback, not a clear line)."""
+INT_LIMITS: dict[str, tuple[int, str]] = {
+    "threads": (1024, "more threads than any CPU here has; 0 uses every available CPU"),
+    "batch_size": (2**20, "a batch that large does not fit in memory"),
+    "embed_dim": (8192, "the layers of a wider feature do not fit in memory"),
+    "patch_size": (1024, "a patch must fit in an image"),
+    "state_cache_mb": (2**30, "that is more memory than exists, in MiB"),
+}
+"""Tighter upper bounds of some integer keys, with the reason."""
+
+
+def _check_ints(section: object) -> None:
+    """Every integer key of ``section`` within its upper bound (:data:`INT_LIMITS`, else
+    :data:`INT_MAX`)."""
+    for f in fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit, why = INT_LIMITS.get(f.name, (INT_MAX, "larger integers overflow inside torch"))
+            _check(value <= limit, f.name, f"{value} is too large: at most {limit} ({why})")
+
+
 def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
@@ -70,6 +93,7 @@ class DataConfig:
     """Allow formats that need unpickling (CIFAR python format, PFLlib npz): trusted files only."""
 
     def __post_init__(self) -> None:
+        _check_ints(self)
         _check(self.clients >= 1, "clients", "need at least 1 client")
         _check(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "must be a positive number")
         _check(self.classes_per_client >= 0, "classes_per_client", "must be >= 0 (0 = automatic)")
@@ -92,6 +116,7 @@ class TrainConfig:
     """Width of the feature the shared backbone outputs (FedRIR's d)."""
 
     def __post_init__(self) -> None:
+        _check_ints(self)
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
@@ -120,6 +145,7 @@ class FedRIRConfig:
     """Broadcast one initial GFE; off gives every client its own random init, as the reference."""
 
     def __post_init__(self) -> None:
+        _check_ints(self)
         _check(0 <= self.mask_ratio < 1, "mask_ratio", "must be in [0, 1)")
         _check(self.patch_size >= 1, "patch_size", "must be >= 1")
         _check(_finite_nonneg(self.kl_weight), "kl_weight", "must be a number >= 0")
@@ -178,6 +204,7 @@ class BaselineConfig:
     """FedAS: batch size of the parameter alignment (PFLlib ``clientas.py``)."""
 
     def __post_init__(self) -> None:
+        _check_ints(self)
         _check(_finite_nonneg(self.prox_mu), "prox_mu", "must be a number >= 0")
         _check(self.ft_epochs >= 0, "ft_epochs", "must be >= 0")
         _check(self.head_epochs >= 1, "head_epochs", "must be >= 1")
@@ -251,6 +278,7 @@ class Config:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
+        _check_ints(self)
         _check(self.rounds >= 1, "rounds", "must be >= 1")
         _check(0 < self.join_ratio <= 1, "join_ratio", "must be in (0, 1]")
         _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
@@ -394,7 +422,7 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, source=str(p))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -406,14 +434,14 @@ def _toml_value(value: Any) -> str:
 def config_to_toml(config: Config) -> str:
     """Serialise a config to TOML that :func:`load_config` reads back to an equal config."""
     lines = [
-        f"{f.name} = {_toml_value(getattr(config, f.name))}"
+        f"{f.name} = {toml_value(getattr(config, f.name))}"
         for f in fields(Config)
         if f.name not in SECTIONS
     ]
     for section in SECTIONS:
         lines += ["", f"[{section}]"]
         sub = getattr(config, section)
-        lines += [f"{f.name} = {_toml_value(getattr(sub, f.name))}" for f in fields(sub)]
+        lines += [f"{f.name} = {toml_value(getattr(sub, f.name))}" for f in fields(sub)]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from fedrir.config import KEYS, Config, Key, load_config, with_overrides
+from fedrir.errors import ConfigError
 
 
 def flag(name: str) -> str:
@@ -50,7 +51,10 @@ def given(args: argparse.Namespace) -> list[str]:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config file (if any), then every flag given on the command line on top."""
-    base = load_config(args.config) if getattr(args, "config", None) else Config()
+    path = getattr(args, "config", None)
+    if path == "":
+        raise ConfigError("--config is empty; name a TOML file (see configs/), or leave it out")
+    base = Config() if path is None else load_config(path)
     return with_overrides(base, {name: getattr(args, name) for name in given(args)})
 
 

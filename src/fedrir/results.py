@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms.base import Evaluation
+from fedrir.errors import FedrirError
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,19 @@ def weighted_metrics(metrics: Sequence[tuple[Mapping[str, float], int]]) -> dict
     return {k: sum(m.get(k, 0.0) * n for m, n in metrics) / total for k in keys}
 
 
-def summarize(records: Sequence[RoundRecord], extra: dict[str, Any]) -> dict[str, Any]:
-    """The run's headline numbers: final *and* best accuracy, the spread, bytes and time."""
+def summarize(
+    records: Sequence[RoundRecord], clients: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's headline numbers: final *and* best accuracy, the spread, bytes and time.
+    ``final_accuracy_clients`` says how many of the ``clients`` the final accuracy covers, and
+    ``final_accuracy_partial`` flags a final accuracy over fewer (clients that dropped out)."""
     last = records[-1]
     best = max(records, key=lambda r: r.accuracy)
     seconds = last.elapsed
     return {
         "final_accuracy": last.accuracy,
+        "final_accuracy_clients": last.evaluated,
+        "final_accuracy_partial": last.evaluated < clients,
         "best_accuracy": best.accuracy,
         "best_round": best.round,
         "final_loss": last.loss,
@@ -117,13 +124,26 @@ def atomic_write(path: Path, text: str) -> None:
         os.close(directory)
 
 
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as strict JSON: every result file is written through here, and a non-finite
+    number (which strict readers reject) is refused rather than written as a bare NaN."""
+    try:
+        return json.dumps(value, indent=indent, allow_nan=False)
+    except ValueError:
+        raise FedrirError(
+            "refusing to write a non-finite number into a result file; this is a bug, please "
+            "report it with the command that led here"
+        ) from None
+
+
 def write_metrics(path: Path, records: Iterable[RoundRecord]) -> None:
-    atomic_write(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
+    atomic_write(path, "".join(strict_json(r.to_json()) + "\n" for r in records))
 
 
 def append_metrics(path: Path, record: RoundRecord) -> None:
+    line = strict_json(record.to_json()) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record.to_json()) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
@@ -174,8 +194,14 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, title: str 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table of a run's summary."""
+    final = f"{100 * summary['final_accuracy']:.2f} %"
+    if summary["final_accuracy_partial"]:
+        final += (
+            f" (PARTIAL: over {summary['final_accuracy_clients']} of {summary['clients']} "
+            "clients; the others dropped out)"
+        )
     rows = [
-        ("final accuracy", f"{100 * summary['final_accuracy']:.2f} %"),
+        ("final accuracy", final),
         (
             "best accuracy",
             f"{100 * summary['best_accuracy']:.2f} % (round {summary['best_round']})",

@@ -11,30 +11,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import errno
+import hashlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedrir.algorithms import get_algorithm
-from fedrir.algorithms.base import Algorithm, Task
+from fedrir.algorithms.base import Algorithm, Runtime, Task
 from fedrir.config import Config, config_to_toml, run_identity
 from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
-from fedrir.engine.checkpoint import Snapshot, load_snapshot
+from fedrir.engine import rounds
+from fedrir.engine.checkpoint import Snapshot, check_setting, checkpoint_files, load_snapshot
 from fedrir.engine.ledger import Ledger, ratio
-from fedrir.engine.runtime import resolve_runtime
+from fedrir.engine.runtime import resolve_runtime, thread_count
 from fedrir.errors import DataError, FedrirError
+from fedrir.lock import contents, folder_lock
 from fedrir.models.cnn import MIN_SIDE
 from fedrir.results import (
     RoundRecord,
     append_metrics,
     atomic_write,
     plot_curves,
+    strict_json,
     summarize,
     write_metrics,
 )
@@ -65,6 +69,7 @@ def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
     runtime = resolve_runtime(config)
     data = build_federated(config.data, config.seed, batch_size=config.train.batch_size)
     data = dataclasses.replace(data, clients=tuple(c.to(runtime.device) for c in data.clients))
+    rounds.check_someone_trains(config, data.num_clients)
     task = Task(input_shape=data.input_shape, num_classes=data.num_classes)
     _, height, width = task.input_shape
     if min(height, width) < MIN_SIDE:
@@ -79,13 +84,21 @@ def prepare(config: Config) -> tuple[Algorithm, FederatedData]:
 
 
 def default_out_dir(config: Config) -> Path:
+    """A new folder under ``runs/`` named after the time and the run, created here: the name is
+    claimed atomically (``mkdir``), so two runs started together never share a folder."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{stamp}-{config.algorithm}-{config.data.dataset}"
+    make_out_dir(base.parent)
     out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+    while True:
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        except OSError as e:
+            raise FedrirError(f"cannot create {out} ({e.strerror}); pass --out") from None
 
 
 def check_out_dir(path: Path) -> None:
@@ -103,18 +116,66 @@ def make_out_dir(path: Path) -> None:
         raise FedrirError(f"cannot create {path} ({e.strerror}); pick another --out") from None
 
 
-def new_out_dir(config: Config, out: str | Path) -> Path:
-    """The folder a new run writes to (``"auto"``: a new one under ``runs/``), refused when it
-    is a file, already holds a run or holds anything else: a new run never overwrites files."""
-    path = default_out_dir(config) if out == "auto" else Path(out)
-    check_out_dir(path)  # fail before loading data, not after
+def check_new(path: Path) -> None:
+    """Refuse ``path`` for a new run when it is a file, already holds a run or holds anything
+    else: a new run never overwrites files."""
+    check_out_dir(path)
     if (path / CONFIG_FILE).exists():
         raise FedrirError(
             f"{path} already holds a run; continue it with --resume {path}, or pick another --out"
         )
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and contents(path):
         raise FedrirError(f"{path} is not empty and holds no run; pick another --out")
+
+
+def new_out_dir(config: Config, out: str | Path) -> Path:
+    """The folder a new run writes to (``"auto"``: a new one under ``runs/``, claimed now); the
+    run checks it (:func:`check_new`) under its lock (:func:`writing`), before loading data."""
+    if str(out) == "":
+        raise FedrirError("--out is empty; name a folder, or leave --out out for one under runs/")
+    path = default_out_dir(config) if out == "auto" else Path(out)
+    check_out_dir(path)
     return path
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, new: bool) -> Iterator[None]:
+    """Hold ``path`` as its only writer for a whole run, resume or grid (created if needed; a
+    new run's folder checked again under the lock). A new run that fails before writing anything
+    leaves no folder behind; a full disk is one line, and the failed round's files are removed."""
+    make_out_dir(path)
+    try:
+        with folder_lock(path):
+            if new:
+                check_new(path)
+            try:
+                yield
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                discard_partial(path)
+                raise FedrirError(
+                    f"the disk holding {path} is full; the failed round's files were removed; "
+                    f"free some space, then fedrir run --resume {path}"
+                ) from None
+    except BaseException:
+        if new and path.is_dir() and not any(path.iterdir()):
+            with contextlib.suppress(OSError):  # another writer may have just claimed it
+                path.rmdir()
+        raise
+
+
+def discard_partial(out: Path) -> None:
+    """Remove what an interrupted round left in ``out``: half-written files, and checkpoint files
+    that its manifest does not name (the last complete checkpoint stays whole)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    folder = out / CHECKPOINT_DIR
+    if folder.is_dir():
+        named = checkpoint_files(folder)
+        for path in folder.iterdir():
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
 
 def checkpointed(out: Path | None, config: Config) -> bool:
@@ -141,10 +202,32 @@ def start_files(out: Path, config: Config, history: list[RoundRecord]) -> None:
     write_metrics(out / METRICS_FILE, history)
 
 
-def resume_point(out: Path, config: Config) -> Snapshot | None:
+def run_setting(algorithm: Algorithm, client_digests: Sequence[str]) -> dict[str, Any]:
+    """What a run runs on besides its config, recorded in its checkpoints and checked on resume:
+    a digest of its clients' data (each client's :meth:`~fedrir.data.types.ClientData.digest`,
+    in order) and the runtime ``auto`` settings resolved to."""
+    data = hashlib.blake2b("".join(client_digests).encode(), digest_size=16).hexdigest()
+    return {
+        "data": data,
+        "device": str(algorithm.runtime.device),
+        "precision": precision_name(algorithm.runtime),
+        "threads": thread_count(algorithm.config),
+    }
+
+
+def precision_name(runtime: Runtime) -> str:
+    return "bf16" if runtime.autocast_dtype is not None else "fp32"
+
+
+def resume_point(
+    out: Path, config: Config, setting: Mapping[str, Any] | None = None
+) -> Snapshot | None:
     """The checkpoint a resume of the run in ``out`` continues from (None: start over, which is
-    deterministic), or one line on why it cannot be resumed."""
+    deterministic), or one line on why it cannot be resumed (``setting``: see :func:`run_setting`,
+    when already known)."""
     snapshot = load_snapshot(out / CHECKPOINT_DIR, run_identity(config))
+    if snapshot is not None and setting is not None:
+        check_setting(snapshot, setting, out)
     if snapshot is None:
         metrics = out / METRICS_FILE
         if config.checkpoint_every == 0 and metrics.exists() and metrics.stat().st_size > 0:
@@ -175,13 +258,14 @@ def finish_run(
     config = algorithm.config
     summary = summarize(
         ledger.history,
+        config.data.clients,
         {
             "algorithm": config.algorithm,
             "dataset": config.data.dataset,
             "evaluated_on": "validation" if config.data.val_ratio > 0 else "test",
             "clients": config.data.clients,
             "device": str(algorithm.runtime.device),
-            "precision": "bf16" if algorithm.runtime.autocast_dtype is not None else "fp32",
+            "precision": precision_name(algorithm.runtime),
             "parameters": algorithm.parameter_counts(),
             "wall_seconds": time.perf_counter() - wall_start,
             "engine": engine,
@@ -199,7 +283,7 @@ def finish_run(
         },
     )
     if out is not None:
-        atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / SUMMARY_FILE, strict_json(summary, indent=2) + "\n")
         plot_curves(
             {config.algorithm: [r.to_json() for r in ledger.history]},
             out / CURVES_FILE,

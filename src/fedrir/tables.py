@@ -28,11 +28,14 @@ COLUMNS = (
     "shared_parameters",
     "private_parameters",
     "seeds",
+    "partial_seeds",
 )
 """One row per algorithm and uplink codec. Accuracies are in %; ``*_std`` over seeds is the sample
 std (None for a single seed); ``client_accuracy_std`` is the final round's spread across clients,
 mean over seeds; bytes are the encoded bytes (MB = 10^6 bytes), ``compression_*`` how many times
-fewer than without a codec, ``codec_share`` the codecs' share of the run's round time."""
+fewer than without a codec, ``codec_share`` the codecs' share of the run's round time;
+``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the federation
+(clients that dropped out): such a row is not ranked with the others."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -68,7 +71,14 @@ def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -
         "shared_parameters": summaries[0]["parameters"]["shared"],
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
+        "partial_seeds": sum(bool(s.get("final_accuracy_partial")) for s in summaries),
     }
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows by final accuracy, highest first; rows with a partial final accuracy after all the
+    others (their accuracies cover fewer clients: not comparable)."""
+    return sorted(rows, key=lambda r: (r["partial_seeds"] > 0, -r["final_accuracy_mean"]))
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -115,7 +125,8 @@ def to_markdown(
         "downlink codec; ratio is how many times fewer bytes than without a codec, up / down; "
         "codec is the encoding and decoding's share of the round time. Every method is reported "
         "as measured, under the same settings and partitions. Rows are sorted by final accuracy, "
-        "highest first.",
+        "highest first (rows marked †, whose final accuracy covers fewer clients, after the "
+        "others).",
         "",
         "| algorithm | uplink | final acc (%) | best acc (%) | client spread (%) "
         "| upload / round (bytes) | upload / round (MB) | download / round (MB) | ratio up / down "
@@ -123,7 +134,8 @@ def to_markdown(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['algorithm']} | {r['codec']} | {format_mean_std(r, 'final_accuracy')} "
+        f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} | {r['codec']} "
+        f"| {format_mean_std(r, 'final_accuracy')} "
         f"| {format_mean_std(r, 'best_accuracy')} "
         f"| {r['client_accuracy_std']:.2f} | {r['bytes_uploaded_per_round']:,.0f} "
         f"| {r['mb_uploaded_per_round']:.3f} | {r['mb_downloaded_per_round']:.3f} "
@@ -132,6 +144,17 @@ def to_markdown(
         f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
         for r in rows
     ]
+    partial = [
+        f"{r['algorithm']} ({r['partial_seeds']} of {r['seeds']})"
+        for r in rows
+        if r["partial_seeds"]
+    ]
+    if partial:
+        lines += [
+            "",
+            "† Not ranked: the final accuracy covers fewer clients than the federation (clients "
+            f"dropped out) in some seeds: {', '.join(partial)}. Listed after the complete rows.",
+        ]
     return "\n".join(lines) + "\n"
 
 

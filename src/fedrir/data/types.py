@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,15 @@ class ClientData:
     @property
     def num_eval(self) -> int:
         return len(self.eval_y)
+
+    def digest(self) -> str:
+        """A digest of the client's data (shapes, dtypes and bytes): what a checkpoint records so
+        that a resume on other data (files replaced under ``data_dir``) is refused."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.train_x, self.train_y, self.eval_x, self.eval_y):
+            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def to(self, device: torch.device) -> ClientData:
         return ClientData(

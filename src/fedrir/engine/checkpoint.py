@@ -12,20 +12,20 @@ manifest are deleted when the store reopens, so no state from the future is ever
 from __future__ import annotations
 
 import json
-import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedrir.algorithms.base import Payload
 from fedrir.engine.ledger import BEFORE_CODECS, COUNTERS, RECORD_BEFORE_CODECS
+from fedrir.engine.store import write_tensors
 from fedrir.errors import FedrirError
-from fedrir.results import RoundRecord, atomic_write
+from fedrir.results import RoundRecord, atomic_write, strict_json
 
 MANIFEST = "manifest.json"
 SERVER_PREFIX = "server.r"
@@ -41,22 +41,25 @@ class Snapshot:
     """Client → the store's file of its state (clients without one are in their initial state)."""
     history: list[dict[str, Any]]
     counters: dict[str, Any]
-
-
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    setting: dict[str, Any]
+    """What the run ran on (its data's digest, the resolved runtime): a resume must match it
+    (empty for checkpoints written before it was recorded)."""
+    wall_seconds: float
+    """Wall time of every process of the run up to this checkpoint."""
 
 
 class Checkpointer:
-    """Writes checkpoints into ``directory``."""
+    """Writes checkpoints into ``directory`` of a run under ``config_id`` on ``setting`` (see
+    :attr:`Snapshot.setting`) whose wall clock started at ``started`` (``time.perf_counter``,
+    moved back by the wall time of the processes before this one)."""
 
-    def __init__(self, directory: Path, config_id: str) -> None:
+    def __init__(
+        self, directory: Path, config_id: str, setting: Mapping[str, Any], started: float
+    ) -> None:
         self.directory = directory
         self.config_id = config_id
+        self.setting = dict(setting)
+        self.started = started
         directory.mkdir(parents=True, exist_ok=True)
 
     def save(
@@ -70,7 +73,7 @@ class Checkpointer:
         """Write the server payload, then the manifest naming it and the clients' files (which
         must be durable already); then delete the server payload it superseded."""
         server_file = f"{SERVER_PREFIX}{round_}.safetensors"
-        _save_tensors(self.directory / server_file, server)
+        write_tensors(self.directory / server_file, server, {})
         manifest = {
             "round": round_,
             "config": self.config_id,
@@ -78,8 +81,10 @@ class Checkpointer:
             "clients": {str(c): name for c, name in clients.items()},
             "history": history,
             "counters": counters,
+            "setting": self.setting,
+            "wall_seconds": time.perf_counter() - self.started,
         }
-        atomic_write(self.directory / MANIFEST, json.dumps(manifest))
+        atomic_write(self.directory / MANIFEST, strict_json(manifest))
         for path in self.directory.iterdir():
             if path.name.startswith(SERVER_PREFIX) and path.name != server_file:
                 path.unlink(missing_ok=True)
@@ -102,6 +107,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             and all(isinstance(r, dict) and set(r) in (records, before) for r in data["history"])
             and isinstance(data.get("counters"), dict)
             and set(data["counters"]) in counters
+            and isinstance(data.get("setting", {}), dict)
+            and isinstance(data.get("wall_seconds", 0.0), int | float)
         ):
             raise ValueError("not a fedrir checkpoint manifest")
         return data
@@ -109,6 +116,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise FedrirError(
             f"checkpoint manifest {path} is unreadable ({e}); cannot resume"
         ) from None
+
+
+def checkpoint_files(directory: Path) -> set[str]:
+    """The files of the latest complete checkpoint in ``directory`` (its manifest included); every
+    file there when the manifest cannot be read (then nothing can be told apart)."""
+    try:
+        manifest = _read_manifest(directory / MANIFEST)
+    except FedrirError:
+        if (directory / MANIFEST).exists():
+            return {p.name for p in directory.iterdir()}
+        return set()
+    return {MANIFEST, manifest["server"], *manifest["clients"].values()}
 
 
 def load_snapshot(directory: Path, config_id: str) -> Snapshot | None:
@@ -136,4 +155,23 @@ def load_snapshot(directory: Path, config_id: str) -> Snapshot | None:
         clients={int(c): name for c, name in manifest["clients"].items()},
         history=manifest["history"],
         counters=manifest["counters"],
+        setting=manifest.get("setting", {}),
+        wall_seconds=float(manifest.get("wall_seconds", 0.0)),
     )
+
+
+def check_setting(snapshot: Snapshot, setting: Mapping[str, Any], out: Path) -> None:
+    """Refuse to resume the run in ``out`` on other data or another runtime than its checkpoint
+    was written on: its numbers would silently continue from something else."""
+    changed = [
+        "the clients' data changed (were the dataset's files replaced?)"
+        if key == "data"
+        else f"{key} changed from {snapshot.setting[key]!r} to {setting[key]!r}"
+        for key in sorted(setting)
+        if key in snapshot.setting and snapshot.setting[key] != setting[key]
+    ]
+    if changed:
+        raise FedrirError(
+            f"cannot resume {out}: since its checkpoint, {'; '.join(changed)}; resume it on "
+            "the same data and machine settings, or start a new run"
+        )

@@ -5,6 +5,11 @@ round's numbers (who took part, bytes each way, seconds, training metrics) are a
 totals and, on evaluation rounds, pooled with the clients' evaluations into a
 :class:`~fedrir.results.RoundRecord`. A new field or rule of the records is added here only.
 
+A run that diverges stops here too, at the first non-finite number (a client's training loss,
+its upload, the aggregate, an evaluation loss): one line naming the round, the client and the
+quantity, before anything of that round is recorded, so the last checkpoint stays the last good
+one and no result file ever holds a NaN.
+
 Bytes come in three kinds, named apart: ``bytes_*`` are the tensor bytes of the encoded payloads
 handed over (every part a codec sends: values, indices, scales, headers; the same on either
 engine), ``raw_bytes_*`` those of the payloads before encoding (equal to ``bytes_*`` with the
@@ -14,11 +19,15 @@ messages; in-process, where nothing is serialized, the encoded tensor bytes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedrir.algorithms.base import Evaluation
+import torch
+
+from fedrir.algorithms.base import Evaluation, Payload
+from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, pooled, weighted_metrics
 
 
@@ -71,6 +80,9 @@ class Ledger:
         self.seconds += seconds
         if evaluations is None:
             return None
+        for c, e in sorted(evaluations.items()):
+            if not math.isfinite(e.loss_sum):
+                raise diverged(round_, f"client {c}'s evaluation loss is {e.loss_sum}")
         record = RoundRecord(
             round=round_,
             participants=len(trained),
@@ -127,6 +139,37 @@ def _as_sent(record: Mapping[str, Any]) -> dict[str, Any]:
 def ratio(raw: int, encoded: int) -> float:
     """How many times fewer bytes the codec sent (1.0 when nothing was sent)."""
     return raw / encoded if encoded else 1.0
+
+
+def diverged(round_: int, what: str) -> FedrirError:
+    return FedrirError(
+        f"the run diverged in round {round_}: {what}; the last checkpoint is kept; start a new "
+        "run with a lower --lr"
+    )
+
+
+def _first_non_finite(tensors: Payload) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_update(round_: int, client: int, payload: Payload, metrics: Mapping[str, float]) -> None:
+    """Stop the run if what ``client`` reports for ``round_`` holds a non-finite number."""
+    for key, value in sorted(metrics.items()):
+        if not math.isfinite(value):
+            raise diverged(round_, f"client {client}'s training {key} is {value}")
+    name = _first_non_finite(payload)
+    if name is not None:
+        raise diverged(round_, f"client {client}'s upload {name!r} holds non-finite values")
+
+
+def check_aggregate(round_: int, server: Payload) -> None:
+    """Stop the run if the server's aggregate after ``round_`` holds a non-finite number."""
+    name = _first_non_finite(server)
+    if name is not None:
+        raise diverged(round_, f"the aggregate {name!r} holds non-finite values")
 
 
 COUNTERS = tuple(f.name for f in fields(Ledger) if f.name != "history")

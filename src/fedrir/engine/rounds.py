@@ -14,6 +14,7 @@ import numpy as np
 from fedrir import streams
 from fedrir.algorithms.base import Algorithm, Payload, State
 from fedrir.config import Config
+from fedrir.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,18 @@ def plan_round(config: Config, round_: int, num_clients: int) -> RoundPlan:
     selected = tuple(sorted(int(c) for c in rng.choice(num_clients, count, replace=False)))
     fails = rng.random(len(selected)) < config.dropout
     return RoundPlan(selected, frozenset(c for c, f in zip(selected, fails, strict=True) if f))
+
+
+def check_someone_trains(config: Config, num_clients: int) -> None:
+    """Refuse a run in which, by its plan, no client ever trains (``dropout`` close to 1): its
+    accuracies would be those of the initial models, reported as if the run had learned."""
+    if config.dropout > 0 and not any(
+        plan_round(config, r, num_clients).participants for r in range(1, config.rounds + 1)
+    ):
+        raise ConfigError(
+            f"with dropout = {config.dropout}, no client trains in any of the {config.rounds} "
+            "rounds of this run; lower --dropout"
+        )
 
 
 def is_eval_round(config: Config, round_: int) -> bool:

@@ -21,7 +21,7 @@ from fedrir.config import Config
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer, Snapshot
-from fedrir.engine.ledger import Ledger, Traffic
+from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.engine.store import ClientStore
 from fedrir.engine.transport import Transport
 from fedrir.results import RoundRecord
@@ -76,14 +76,16 @@ def simulate(
         updates, trained, up, raw_up = [], [], 0, 0
         for c in plan.participants:  # a dropped client fails mid-round: nothing comes back
             update, seconds = transport.train(sent.received, store.get(c), data.clients[c], r, c)
-            store.put(c, update.state)
             upload, unpacking = transport.unpack(update.payload, sent.received)
+            check_update(r, c, upload, update.metrics)
+            store.put(c, update.state)
             codec_seconds += seconds + unpacking
             updates.append((upload, update.num_examples))
             trained.append((update.metrics, update.num_examples))
             up += payload_bytes(update.payload)
             raw_up += payload_bytes(upload)
         state.server = algorithm.aggregate(state.server, updates)
+        check_aggregate(r, state.server)
         state.round = r
         evaluations, evaluation_download = None, 0
         if rounds.is_eval_round(config, r):

@@ -13,6 +13,7 @@ previous manifest's map deletes every newer file, so no state from the future is
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import time
@@ -24,7 +25,7 @@ from typing import Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedrir.algorithms.base import State
 from fedrir.errors import ConfigError, FedrirError
@@ -55,10 +56,23 @@ def state_bytes(state: State) -> int:
 
 K = TypeVar("K", int, str)
 
+_TRIM_EVERY = 256 * 2**20
+"""Bytes of states dropped from a cache between two hand-backs of free memory to the system."""
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; None elsewhere
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free memory back to the system (glibc's ``malloc_trim``; nothing where
+    there is none). States streaming through a cache leave freed blocks scattered over the heap,
+    which glibc otherwise keeps: 1 GB of a 3.4 GB peak with 1 000 FedRIR clients on MNIST."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 class StateCache(Generic[K]):
     """States by key, least recently used first, holding at most ``budget`` bytes; each state
-    pushed out goes to ``evicted`` (possibly the one just put: its caller still holds it)."""
+    pushed out goes to ``evicted`` (possibly the one just put: its caller still holds it). Every
+    ``_TRIM_EVERY`` bytes pushed out, the freed memory goes back to the system."""
 
     def __init__(self, budget: int, evicted: Callable[[K, State], None]) -> None:
         if budget < 0:
@@ -67,6 +81,7 @@ class StateCache(Generic[K]):
         self.evicted: Callable[[K, State], None] = evicted
         self._states: OrderedDict[K, State] = OrderedDict()
         self._bytes = 0
+        self._dropped = 0  # bytes pushed out since memory was last given back
 
     def get(self, key: K) -> State | None:
         if key not in self._states:
@@ -82,16 +97,49 @@ class StateCache(Generic[K]):
         while self._bytes > self.budget:
             victim, dropped = self._states.popitem(last=False)
             self._bytes -= state_bytes(dropped)
+            self._dropped += state_bytes(dropped)
             self.evicted(victim, dropped)
+        if self._dropped >= _TRIM_EVERY:
+            self._dropped = 0
+            release_free_memory()
 
 
-def write_state(path: Path, state: State) -> None:
-    """``state`` to ``path`` as safetensors, whole or not at all (temp file, fsync, rename)."""
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """``tensors`` to ``path`` as safetensors (with metadata ``meta``), whole or not at all: a
+    temporary file, fsynced, then renamed; removed if writing fails (a full disk is an OSError)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_state(path: Path, state: State, client: int) -> None:
+    """``client``'s ``state`` to ``path``; the file names its client and its own name, so a file
+    swapped for another is told."""
+    write_tensors(path, state, {OWNER: str(client), NAME: path.name})
+
+
+OWNER, NAME = "fedrir-client", "fedrir-file"
+"""Metadata keys of a state file: its client, and the name it was written under."""
+
+
+def check_owner(path: Path, client: int) -> None:
+    """Raise ValueError unless ``path`` is a whole state file written for ``client`` under its
+    name (files written before the name was recorded pass on their header alone); OSError and
+    SafetensorError when it is missing or not safetensors."""
+    with safe_open(str(path), framework="pt") as f:  # reads and checks the header and size
+        meta = f.metadata() or {}
+    if OWNER in meta and (meta[OWNER], meta.get(NAME)) != (str(client), path.name):
+        raise ValueError(
+            f"it holds client {meta[OWNER]}'s state written as {meta.get(NAME)}, swapped in"
+        )
 
 
 def sync_directory(directory: Path) -> None:
@@ -188,7 +236,7 @@ class ClientStore:
         name = f"client{client}.s{self._seq:06d}.safetensors"
         self._seq += 1
         path = self.directory / name
-        write_state(path, state)
+        write_state(path, state, client)
         self._unsynced = True
         previous = self._latest.get(client)
         self._latest[client] = name
@@ -218,9 +266,8 @@ class ClientStore:
         if match is None or match[1] != str(client):
             raise self._damaged(client, path, "not a state file name for this client")
         try:
-            with safe_open(str(path), framework="pt"):  # reads and checks the header and size
-                pass
-        except (OSError, SafetensorError) as e:
+            check_owner(path, client)
+        except (OSError, SafetensorError, ValueError) as e:
             raise self._damaged(client, path, e) from None
         return int(match[2])
 
@@ -254,8 +301,9 @@ class NodeStore:
             if _node_file(client).fullmatch(name) is None:
                 raise FedrirError(f"client {client} was sent {name!r}, not one of its state files")
             try:
+                check_owner(path, client)
                 state = {k: v.to(self.device) for k, v in load_file(str(path)).items()}
-            except (OSError, SafetensorError) as e:
+            except (OSError, SafetensorError, ValueError) as e:
                 why = "missing" if isinstance(e, FileNotFoundError) else str(e).partition("\n")[0]
                 raise FedrirError(
                     f"client {client}'s state file {path} is unusable ({why}); the node's state "
@@ -267,7 +315,7 @@ class NodeStore:
     def save(self, client: int, round_: int, state: State) -> str:
         """Write ``client``'s state after ``round_`` durably; the file's name."""
         name = f"client{client}.r{round_}.safetensors"
-        write_state(self.directory / name, state)
+        write_state(self.directory / name, state, client)
         sync_directory(self.directory)
         self._cache.put(name, state)
         return name

@@ -30,9 +30,10 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -48,6 +49,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 from fedrir import runs
 from fedrir.algorithms import get_algorithm
@@ -55,7 +57,7 @@ from fedrir.algorithms.base import Algorithm, State, Task
 from fedrir.config import KEYS, Config, flat_value, run_identity, with_overrides
 from fedrir.data.types import ClientData, FederatedData
 from fedrir.engine import rounds
-from fedrir.engine.checkpoint import Checkpointer
+from fedrir.engine.checkpoint import Checkpointer, check_setting
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime, torch_threads
 from fedrir.engine.store import NodeStore
@@ -184,12 +186,15 @@ def make_client_app(
     @app.query()
     def query(message: Message, context: Context) -> Message:
         """Which client this node holds; the server leaves a node beyond the run's clients idle."""
-        algorithm, _ = _prepared(load(context))
+        algorithm, data = _prepared(load(context))
+        partition = _partition(context)
+        held = 0 <= partition < data.num_clients
         info = ConfigRecord(
             {
-                "partition-id": _partition(context),
+                "partition-id": partition,
                 "input-shape": list(algorithm.task.input_shape),
                 "num-classes": algorithm.task.num_classes,
+                "data-digest": data.clients[partition].digest() if held else "",
             }
         )
         return Message(RecordDict({INFO_RECORD: info}), reply_to=message)
@@ -259,12 +264,16 @@ def make_client_app(
 # ----------------------------------------------------------------------------- server side
 
 
-def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[int, int], Task]:
+def connect_clients(
+    grid: Grid, num_clients: int, timeout: float
+) -> tuple[dict[int, int], Task, dict[int, str]]:
     """Ask every node which client it holds until all ``num_clients`` are there.
 
-    Returns partition id → node id, and the task (input shape, classes) the clients report, so
-    that the server builds its algorithm without touching any data.
+    Returns partition id → node id, the task (input shape, classes) the clients report, so
+    that the server builds its algorithm without touching any data, and partition id → the
+    digest of that client's data (for the checkpoint's record of what the run ran on).
     """
+    digests: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     nodes: dict[int, int] = {}
     asked: set[int] = set()
@@ -311,9 +320,10 @@ def connect_clients(grid: Grid, num_clients: int, timeout: float) -> tuple[dict[
                 )
             else:
                 nodes[partition] = node
+                digests[partition] = str(info["data-digest"])
     assert task is not None
     log(INFO, "all %d clients connected", num_clients)
-    return nodes, task
+    return nodes, task, digests
 
 
 def serve(
@@ -333,17 +343,24 @@ def serve(
         if resume:
             snapshot = runs.resume_point(out, config)
         else:
-            runs.new_out_dir(config, out)
+            runs.check_new(out)
     elif resume:
         raise FedrirError("a resume needs the run's out-dir; set out-dir in the run config")
-    nodes, task = connect_clients(grid, config.data.clients, timeout)
+    rounds.check_someone_trains(config, config.data.clients)
+    nodes, task, digests = connect_clients(grid, config.data.clients, timeout)
     algorithm = get_algorithm(config.algorithm)(config, task, resolve_runtime(config))
+    setting = runs.run_setting(algorithm, [digests[p] for p in sorted(digests)])
+    if snapshot is not None and out is not None:
+        check_setting(snapshot, setting, out)
+        wall -= snapshot.wall_seconds
     ledger = None if snapshot is None else Ledger.restore(snapshot.history, snapshot.counters)
     checkpointer = None
     if out is not None:
         runs.start_files(out, config, [] if ledger is None else ledger.history)
         if runs.checkpointed(out, config):
-            checkpointer = Checkpointer(out / runs.CHECKPOINT_DIR, run_identity(config))
+            checkpointer = Checkpointer(
+                out / runs.CHECKPOINT_DIR, run_identity(config), setting, wall
+            )
         log(INFO, "fedrir: writing results to %s", out)
 
     def after_round(record: RoundRecord | None, round_: int) -> None:
@@ -368,6 +385,52 @@ def serve(
     return runs.finish_run(algorithm, strategy.ledger, out, wall, "flower")
 
 
+REPLY_POLL_SECONDS = 0.1
+
+
+class PromptGrid(Grid):
+    """The deployment's grid, collecting replies every :data:`REPLY_POLL_SECONDS` instead of
+    Flower 1.42's fixed 3 s (``HttpGrid.send_and_receive`` sleeps 3 s between two pulls, which
+    adds up to 3 s to every training and every evaluation phase). Everything else is Flower's:
+    this only re-implements ``send_and_receive`` on the grid's public push and pull."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if waiting:
+                time.sleep(REPLY_POLL_SECONDS)
+        return replies
+
+
 def _out_dir(run_config: Mapping[str, UserConfigValue], config: Config) -> Path:
     chosen = str(run_config.get("out-dir", APP_SETTINGS["out-dir"]))
     return (Path(chosen) if chosen else runs.default_out_dir(config)).resolve()
@@ -382,9 +445,9 @@ def _main(grid: Grid, context: Context) -> None:
     resume = settings.get("resume", APP_SETTINGS["resume"])
     if not isinstance(resume, bool):
         raise ConfigError(f"resume must be true or false; got {resume!r}")
-    with torch_threads(config):
-        out = _out_dir(settings, config)
-        serve(grid, config, out, run_timeout(settings), resume=resume)
+    out = _out_dir(settings, config)
+    with runs.writing(out, new=not resume), torch_threads(config):
+        serve(PromptGrid(grid), config, out, run_timeout(settings), resume=resume)
 
 
 def run_timeout(run_config: Mapping[str, UserConfigValue]) -> float:

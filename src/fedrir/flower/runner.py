@@ -13,9 +13,11 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import console_handler
 from flwr.serverapp import Grid, ServerApp
 
 from fedrir import runs
@@ -57,6 +59,19 @@ def offline_flower() -> Iterator[None]:
                     os.environ[k] = v
 
 
+@contextlib.contextmanager
+def flower_logs(quiet: bool) -> Iterator[None]:
+    """Flower's console log at INFO as usual, or, when ``quiet``, its warnings and errors only
+    (for the duration of a run, then restored)."""
+    level = console_handler.level
+    if quiet:
+        console_handler.setLevel(WARNING)
+    try:
+        yield
+    finally:
+        console_handler.setLevel(level)
+
+
 def run_flower(
     config: Config,
     out: Path | None,
@@ -64,11 +79,13 @@ def run_flower(
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
     *,
     resume: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     """Run ``config`` on Flower's simulation engine with one SuperNode per client (or continue
     the run in ``out`` from its checkpoint); ``on_round(record, round)`` after each round, as
     ``fedrir.run`` has it. The clients keep their states in the run's checkpoint folder (a
-    temporary one when nothing is checkpointed)."""
+    temporary one when nothing is checkpointed). ``quiet``: Flower and Ray log warnings and
+    errors only."""
     import ray  # here, not at the top: importing Ray takes seconds that other commands don't need
     from flwr.simulation import run_simulation
 
@@ -76,7 +93,7 @@ def run_flower(
     runs.prepare(config)
     snapshot = runs.resume_point(out, config) if resume and out is not None else None
     results: list[RunResult] = []
-    errors: list[FedrirError] = []
+    errors: list[FedrirError | OSError] = []
     bar = Progress(config, 0 if snapshot is None else snapshot.round, progress, out)
     server = ServerApp()
 
@@ -90,11 +107,11 @@ def run_flower(
         timeout = float(APP_SETTINGS["timeout"])
         try:
             results.append(serve(grid, config, out, timeout, on_round=after_round, resume=resume))
-        except FedrirError as e:  # raised again below, in the caller's thread
+        except (FedrirError, OSError) as e:  # raised again below, in the caller's thread
             errors.append(e)
 
     try:
-        with offline_flower(), runs.states_folder(out, config) as states:
+        with offline_flower(), flower_logs(quiet), runs.states_folder(out, config) as states:
             run_simulation(
                 server_app=server,
                 client_app=make_client_app(lambda _: config, states),
@@ -104,7 +121,12 @@ def run_flower(
                         "num_cpus": min(thread_count(config), RAY_CPUS),
                         "num_gpus": 0.0,
                     },
-                    "init_args": {"num_cpus": RAY_CPUS, "num_gpus": 0},
+                    "init_args": {
+                        "num_cpus": RAY_CPUS,
+                        "num_gpus": 0,
+                        "logging_level": "ERROR" if quiet else "WARNING",
+                        "log_to_driver": not quiet,
+                    },
                 },
             )
     finally:

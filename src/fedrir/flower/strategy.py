@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrir.algorithms.base import Algorithm, Evaluation, Payload, payload_bytes
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer
-from fedrir.engine.ledger import Ledger, Traffic
+from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.engine.transport import Broadcast, Transport
 from fedrir.errors import FedrirError
 from fedrir.flower.records import from_record, message_bytes, to_record
@@ -186,7 +186,8 @@ class FedrirStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         cur = self.current
         device = self.algorithm.runtime.device
-        answers = self._answers(replies, server_round + self.offset)
+        r = server_round + self.offset
+        answers = self._answers(replies, r)
         updates, up = [], 0
         for p, m in answers:
             self.files[p] = str(m.content.config_records[CONFIG_RECORD][STATE_FILE])
@@ -194,12 +195,14 @@ class FedrirStrategy(Strategy):
             n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
             encoded = from_record(m.content.array_records[PAYLOAD_RECORD], device)
             upload, seconds = self.transport.unpack(encoded, cur.sent.received)
+            metrics = {k: float(v) for k, v in numbers.items() if k not in REPLY_KEYS}  # type: ignore[arg-type]
+            check_update(r, p, upload, metrics)
             cur.codec_seconds += seconds + float(numbers[CODEC_SECONDS])  # type: ignore[arg-type]
             up += payload_bytes(encoded)
             updates.append((upload, n))
-            metrics = {k: float(v) for k, v in numbers.items() if k not in REPLY_KEYS}  # type: ignore[arg-type]
             cur.trained.append((metrics, n))
         cur.server = self.algorithm.aggregate(cur.server, updates)
+        check_aggregate(r, cur.server)
         cur.traffic = Traffic(
             bytes_up=up,
             bytes_down=cur.bytes_down,
