@@ -331,6 +331,7 @@ TABLE: list[tuple[str, tuple[str, ...], str, Prepare | None, dict[str, Any]]] = 
         {},
     ),
     ("resume-nothing", ("run", "--resume", "{tmp}/nothing"), "holds no run", None, {}),
+    ("resume-empty", ("run", "--resume", ""), "--resume is empty", None, {}),
     ("resume-with-flags", ("run", "--resume", "{run}", "--lr", "0.1"), "only --rounds", None, {}),
     ("resume-shorter", ("run", "--resume", "{run}", "--rounds", "1"), "already run 2", None, {}),
     (

@@ -28,6 +28,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume == "":
+        raise FedrirError("--resume is empty; name the folder of the run to continue")
     if args.resume is not None:
         typed = [flag(n) for n in given(args) if n != "rounds"]
         typed += ["--config"] * (args.config is not None) + ["--out"] * (args.out is not None)

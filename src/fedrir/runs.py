@@ -143,6 +143,7 @@ def writing(path: Path, *, new: bool) -> Iterator[None]:
     """Hold ``path`` as its only writer for a whole run, resume or grid (created if needed; a
     new run's folder checked again under the lock). A new run that fails before writing anything
     leaves no folder behind; a full disk is one line, and the failed round's files are removed."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     make_out_dir(path)
     try:
         with folder_lock(path):
@@ -159,9 +160,10 @@ def writing(path: Path, *, new: bool) -> Iterator[None]:
                     f"free some space, then fedrir run --resume {path}"
                 ) from None
     except BaseException:
-        if new and path.is_dir() and not any(path.iterdir()):
-            with contextlib.suppress(OSError):  # another writer may have just claimed it
-                path.rmdir()
+        if new:  # the folder, and the parents made for it, if they are still empty
+            for folder in dict.fromkeys([path, *created]):
+                with contextlib.suppress(OSError):  # not empty, or another writer's by now
+                    folder.rmdir()
         raise
 
 
