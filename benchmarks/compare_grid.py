@@ -28,6 +28,8 @@ from fedrir.compare import RESULTS_MD, compare, parse_seeds
 from fedrir.config import Config, with_overrides
 from fedrir.errors import FedrirError
 
+OTHERS = "<!-- benchmarks/"
+"""Where the sections of other benchmark scripts start in RESULTS.md (kept when it is rewritten)."""
 SETTINGS = [(dataset, partition) for dataset in ("mnist", "fmnist") for partition in ("dir", "pat")]
 
 
@@ -88,7 +90,10 @@ def write_results(path: Path, command: str, args: argparse.Namespace, tables: li
         "",
     ]
     body = ["#" + t for t in tables]  # each grid's title one heading level down
-    path.write_text("\n".join(header) + "\n" + "\n".join(body))
+    # sections other benchmarks write (between their markers, e.g. communication.py's) stay
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(OTHERS) :] if OTHERS in old else ""
+    path.write_text("\n".join(header) + "\n" + "\n".join(body) + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":

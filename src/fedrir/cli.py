@@ -94,11 +94,19 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     config, seeds = build_config(args), compare.parse_seeds(args.seeds)
+    codecs = None if args.codecs is None else compare.check_codecs(args.codecs.split(","))
     words = ["--algorithms", args.algorithms, "--seeds", args.seeds]
+    words += [] if args.codecs is None else ["--codecs", args.codecs]
     command = "fedrir compare " + shlex.join([*words, *as_flags(args), "--out", args.out])
     try:
         compare.compare(
-            config, args.algorithms.split(","), seeds, args.out, not args.quiet, command=command
+            config,
+            args.algorithms.split(","),
+            seeds,
+            args.out,
+            not args.quiet,
+            command=command,
+            codecs=codecs,
         )
     except KeyboardInterrupt:
         print(
@@ -140,6 +148,12 @@ def add_compare_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--algorithms", required=True, metavar="A,B,…", help="comma-separated algorithm names"
+    )
+    p.add_argument(
+        "--codecs",
+        metavar="C,C,…",
+        help="comma-separated uplink codecs to compare, e.g. none,int8,topk:0.01+int8 "
+        "(default: none)",
     )
     p.add_argument(
         "--seeds", default="0,1,2", metavar="S,S,…", help="comma-separated seeds (default: 0,1,2)"

@@ -1,10 +1,12 @@
-"""``fedrir compare``: every algorithm × seed on the same settings, then one table and one plot.
+"""``fedrir compare``: every algorithm × uplink codec × seed on the same settings, then one table
+and one plot.
 
 The partition depends only on the data settings and the seed, so runs that share a seed train and
 test every algorithm on the same clients' data. Each run is an ordinary run folder,
-``DIR/runs/<algorithm>-seed<seed>/``, resumable on its own. ``DIR/compare.toml`` records the grid's
-settings, so that rerunning the command continues the grid (finished runs are kept, unfinished ones
-resumed) and never mixes results obtained under different settings.
+``DIR/runs/<algorithm>-seed<seed>/`` (``<algorithm>-<codec>-seed<seed>/`` when the grid compares
+codecs, e.g. ``fedavg-topk0.01+int8-seed0``), resumable on its own. ``DIR/compare.toml``
+records the grid's settings, so that rerunning the command continues the grid (finished runs are
+kept, unfinished ones resumed) and never mixes results obtained under different settings.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedrir.config import (
     load_config,
     with_overrides,
 )
+from fedrir.engine.codecs import parse_codec
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.lock import contents
 from fedrir.progress import GridProgress
@@ -38,7 +41,7 @@ GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES = (
     "results.md",
     "curves.png",
 )
-PER_RUN = ("algorithm", "seed")
+PER_RUN = ("algorithm", "seed", "uplink")
 """Keys the grid sets per run; every other key is shared by all runs of a compare."""
 
 
@@ -73,11 +76,28 @@ def check_algorithms(algorithms: Sequence[str]) -> list[str]:
     return names
 
 
-def run_dir(out: Path, algorithm: str, seed: int) -> Path:
-    return out / RUNS / f"{algorithm}-seed{seed}"
+def check_codecs(codecs: Sequence[str]) -> list[str]:
+    """Every uplink codec parsed before anything runs (one line listing the valid forms)."""
+    specs = [c.strip() for c in codecs]
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"codecs must be distinct; got {', '.join(specs)}")
+    for spec in specs:
+        parse_codec(spec)
+    return specs
 
 
-def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -> None:
+def cell_name(algorithm: str, codec: str | None) -> str:
+    """A grid cell's name: the algorithm, and its uplink codec when the grid compares codecs."""
+    return algorithm if codec is None else f"{algorithm}-{codec.replace(':', '')}"
+
+
+def run_dir(out: Path, algorithm: str, seed: int, codec: str | None = None) -> Path:
+    return out / RUNS / f"{cell_name(algorithm, codec)}-seed{seed}"
+
+
+def _claim(
+    out: Path, config: Config, algorithms: list[str], seeds: list[int], codecs: list[str]
+) -> None:
     """Make ``out`` this grid's folder, or check that it already is one with the same settings.
     A grid whose first run never started (a typo, data not there) takes the new settings."""
     grid = out / GRID
@@ -95,8 +115,9 @@ def _claim(out: Path, config: Config, algorithms: list[str], seeds: list[int]) -
         raise FedrirError(f"{out} is not empty and holds no compare ({GRID}); pick another --out")
     header = (
         "# Settings shared by every run of the fedrir compare in this folder. The grid sets\n"
-        "# `algorithm` and `seed` per run (first run: "
-        f"algorithms {','.join(algorithms)}, seeds {','.join(map(str, seeds))}).\n"
+        "# `algorithm`, `seed` and `uplink` per run (first run: "
+        f"algorithms {','.join(algorithms)}, codecs {','.join(codecs)}, "
+        f"seeds {','.join(map(str, seeds))}).\n"
     )
     atomic_write(grid, header + config_to_toml(config))
 
@@ -122,7 +143,7 @@ def _check_cell(path: Path, cell: Config) -> None:
 
 def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None:
     """Run, continue, or (when finished before) skip one cell of the grid."""
-    bar.start(config.algorithm, config.seed)
+    bar.start(path.name.rpartition("-seed")[0], config.seed)
     if not (path / SUMMARY_FILE).exists():
 
         def on_round(record: RoundRecord | None, r: int) -> None:
@@ -172,12 +193,13 @@ def _check_numbers(summary: Any, metrics: list[Any]) -> None:
         raise ValueError("it has no evaluated round, or a value of the wrong type")
 
 
-def default_command(out: Path, algorithms: list[str], seeds: list[int]) -> str:
+def default_command(out: Path, algorithms: list[str], seeds: list[int], codecs: list[str]) -> str:
     """A command that reproduces the grid from its stored settings."""
     return "fedrir compare " + shlex.join(
         [
             "--config", str(out / GRID),
             "--algorithms", ",".join(algorithms),
+            "--codecs", ",".join(codecs),
             "--seeds", ",".join(map(str, seeds)),
             "--out", str(out),
         ]
@@ -192,49 +214,65 @@ def compare(
     progress: bool = False,
     *,
     command: str | None = None,
+    codecs: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``algorithms`` × ``seeds`` under ``config`` into ``out`` (continuing a grid already
-    there) and write ``results.csv``, ``results.md`` and ``curves.png``. Returns the table's rows
-    (keys :data:`fedrir.tables.COLUMNS`), ranked by :func:`fedrir.tables.rank`."""
+    """Run ``algorithms`` × ``codecs`` (uplink codecs; default: the config's ``uplink`` alone) ×
+    ``seeds`` under ``config`` into ``out`` (continuing a grid already there) and write
+    ``results.csv``, ``results.md`` and ``curves.png``. Returns the table's rows (keys
+    :data:`fedrir.tables.COLUMNS`), ranked by :func:`fedrir.tables.rank`."""
     algorithms, seeds, path = check_algorithms(algorithms), check_seeds(seeds), Path(out)
+    codecs = check_codecs([config.uplink] if codecs is None else codecs)
     if str(out) == "":
         raise ConfigError("--out is empty; name the grid's folder")
     with writing(path, new=False):
-        return _compare(config, algorithms, seeds, path, progress, command)
+        return _compare(config, algorithms, seeds, codecs, path, progress, command)
 
 
 def _compare(
     config: Config,
     algorithms: list[str],
     seeds: list[int],
+    codecs: list[str],
     path: Path,
     progress: bool,
     command: str | None,
 ) -> list[dict[str, Any]]:
-    _claim(path, config, algorithms, seeds)
-    # seed-major: after each seed, every algorithm has results on the same partitions
-    grid = [(a, s) for s in seeds for a in algorithms]
-    cells = {(a, s): with_overrides(config, {"algorithm": a, "seed": s}) for a, s in grid}
-    for (a, s), cell in cells.items():
-        _check_cell(run_dir(path, a, s), cell)
+    labelled = codecs != ["none"]  # cells' names say their codec unless the grid has none
+
+    def where(a: str, c: str, s: int) -> Path:
+        return run_dir(path, a, s, c if labelled else None)
+
+    _claim(path, config, algorithms, seeds, codecs)
+    # seed-major: after each seed, every cell has results on the same partitions
+    pairs = [(a, c) for a in algorithms for c in codecs]
+    grid = [(a, c, s) for s in seeds for a, c in pairs]
+    cells = {
+        (a, c, s): with_overrides(config, {"algorithm": a, "seed": s, "uplink": c})
+        for a, c, s in grid
+    }
+    for (a, c, s), cell in cells.items():
+        _check_cell(where(a, c, s), cell)
     bar = GridProgress(len(grid) * config.rounds, progress)
     try:
-        for i, (a, s) in enumerate(grid):
-            _run_one(cells[a, s], run_dir(path, a, s), bar, i * config.rounds)
+        for i, (a, c, s) in enumerate(grid):
+            _run_one(cells[a, c, s], where(a, c, s), bar, i * config.rounds)
     finally:
         bar.close()
 
-    finished = {(a, s): _finished(run_dir(path, a, s)) for a, s in grid}
+    finished = {(a, c, s): _finished(where(a, c, s)) for a, c, s in grid}
     summaries = {cell: summary for cell, (summary, _) in finished.items()}
     rows = tables.rank(
-        [tables.algorithm_row(a, [summaries[a, s] for s in seeds]) for a in algorithms]
+        [tables.algorithm_row(a, c, [summaries[a, c, s] for s in seeds]) for a, c in pairs]
     )
     evaluated_on = summaries[grid[0]]["evaluated_on"]
-    command = command or default_command(path, algorithms, seeds)
+    command = command or default_command(path, algorithms, seeds, codecs)
     atomic_write(path / RESULTS_CSV, tables.to_csv(rows))
     markdown = tables.to_markdown(rows, config, seeds, evaluated_on, command, (GRID, RUNS))
     atomic_write(path / RESULTS_MD, markdown)
-    curves = {a: tables.mean_curve([finished[a, s][1] for s in seeds]) for a in algorithms}
+    curves = {
+        (f"{a} {c}" if labelled else a): tables.mean_curve([finished[a, c, s][1] for s in seeds])
+        for a, c in pairs
+    }
     d = config.data
     plot_curves(
         curves,

@@ -275,10 +275,12 @@ class Config:
     """Memory (MiB) for clients' private states; the rest wait on disk, in the run's checkpoint
     folder (the store is the checkpoint)."""
     uplink: str = "none"
-    """Codec of what clients send (their update): ``none``, ``fp16``, ``bf16``, ``int8``,
-    ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see :mod:`fedrir.engine.codecs`)."""
+    """Codec of what clients send (their update: the upload minus what they received): ``none``,
+    ``fp16``, ``bf16``, ``int8``, ``qsgd:B``, ``topk:R`` or ``topk:R+C`` (see
+    :mod:`fedrir.engine.codecs` and :mod:`fedrir.engine.transport`)."""
     downlink: str = "none"
-    """Codec of what the server broadcasts; the same forms as ``uplink``."""
+    """Codec of what the server broadcasts: ``none``, ``fp16``, ``bf16``, ``int8`` or ``qsgd:B``
+    (not top-k: a broadcast is the whole model, not an update)."""
     new_clients: int = 0
     """Clients held out of training (a seeded set of ``clients``): never selected nor aggregated,
     they only receive the broadcast on new-client rounds, adapt and are scored (0: none)."""
@@ -325,6 +327,12 @@ class Config:
                 parse_codec(getattr(self, key))
             except ConfigError as e:
                 raise ConfigError(f"invalid value for '{key}': {e}") from None
+        _check(
+            not parse_codec(self.downlink).has_state,
+            "downlink",
+            f"{self.downlink!r}: top-k cannot carry a broadcast (it is the whole model, not an "
+            "update); use none, fp16, bf16, int8 or qsgd:B on the downlink",
+        )
 
 
 SECTIONS: dict[str, type] = {

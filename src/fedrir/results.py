@@ -18,10 +18,11 @@ from fedrir.errors import FedrirError
 @dataclass(frozen=True)
 class RoundRecord:
     """One evaluated round. Byte counts and ``seconds`` are this round's; ``*_total`` and
-    ``elapsed`` are cumulative. ``bytes_*`` count the tensors handed over (equal on both
-    engines), ``message_bytes_*`` what the transport carried for them (see
-    :mod:`fedrir.engine.ledger`). Times cover training, aggregation and evaluation; writing
-    checkpoints and loading data are not in them (the summary's ``wall_seconds`` has everything)."""
+    ``elapsed`` are cumulative. ``bytes_*`` count the encoded tensors handed over (equal on both
+    engines), ``raw_bytes_*`` the same before encoding, ``message_bytes_*`` what the transport
+    carried for them (see :mod:`fedrir.engine.ledger`). Times cover training, aggregation and
+    evaluation; writing checkpoints and loading data are not in them (the summary's
+    ``wall_seconds`` has everything)."""
 
     round: int
     accuracy: float
@@ -37,6 +38,14 @@ class RoundRecord:
     bytes_down: int
     message_bytes_up: int
     message_bytes_down: int
+    raw_bytes_up: int
+    """Bytes of the uploads before the uplink codec (``bytes_up`` is what it sent)."""
+    raw_bytes_down: int
+    compression_up: float
+    """``raw_bytes_up / bytes_up``: how many times fewer bytes went up (1.0: no codec)."""
+    compression_down: float
+    codec_seconds: float
+    """Seconds spent encoding and decoding this round (a part of ``seconds``)."""
     bytes_up_total: int
     bytes_down_total: int
     seconds: float

@@ -28,7 +28,7 @@ from fedrir.data.federated import build_federated
 from fedrir.data.types import FederatedData
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Snapshot, check_setting, checkpoint_files, load_snapshot
-from fedrir.engine.ledger import Ledger
+from fedrir.engine.ledger import Ledger, ratio
 from fedrir.engine.runtime import resolve_runtime, thread_count
 from fedrir.errors import DataError, FedrirError
 from fedrir.lock import contents, folder_lock
@@ -274,6 +274,14 @@ def finish_run(
             "bytes_evaluation_downloaded": ledger.bytes_evaluation_downloaded,
             "message_bytes_uploaded": ledger.message_bytes_up,
             "message_bytes_downloaded": ledger.message_bytes_down,
+            "uplink": config.uplink,
+            "downlink": config.downlink,
+            "raw_bytes_uploaded": ledger.raw_bytes_up,
+            "raw_bytes_downloaded": ledger.raw_bytes_down,
+            "compression_up": ratio(ledger.raw_bytes_up, ledger.bytes_up),
+            "compression_down": ratio(ledger.raw_bytes_down, ledger.bytes_down),
+            "codec_seconds": ledger.codec_seconds,
+            "codec_share": ledger.codec_seconds / ledger.seconds if ledger.seconds else 0.0,
         },
     )
     if out is not None:

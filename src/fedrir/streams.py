@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT, EVAL_SAMPLE, HOLD_OUT, ADAPT = range(8)
+(SELECT, TRAIN, EVAL, INIT_SERVER, INIT_CLIENT, EVAL_SAMPLE, UPLINK, DOWNLINK, HOLD_OUT, ADAPT) = (
+    range(10)
+)
 """Purposes of the derived streams."""
 
 
@@ -54,3 +56,14 @@ def server_seed(seed: int) -> int:
 def client_seed(seed: int, client: int) -> int:
     """A client's initial private state."""
     return derive_seed(seed, 0, client, INIT_CLIENT)
+
+
+def uplink_seed(seed: int, round_: int, client: int) -> int:
+    """The uplink codec's randomness (stochastic quantization) for ``client``'s update."""
+    return derive_seed(seed, round_, client, UPLINK)
+
+
+def downlink_seed(seed: int, round_: int, evaluation: bool) -> int:
+    """The downlink codec's randomness for ``round_``'s broadcast (one message for every client
+    it reaches): to train, or, with ``evaluation``, to evaluate after aggregation."""
+    return derive_seed(seed, round_, int(evaluation), DOWNLINK)

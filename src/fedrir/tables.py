@@ -1,5 +1,5 @@
-"""The comparison table of ``fedrir compare``: one row per algorithm over its seeds, as CSV and
-Markdown, and the mean accuracy curve per algorithm."""
+"""The comparison table of ``fedrir compare``: one row per algorithm and uplink codec over its
+seeds, as CSV and Markdown, and the mean accuracy curve per row."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fedrir.results import GENERALIZATION
 
 COLUMNS = (
     "algorithm",
+    "codec",
     "final_accuracy_mean",
     "final_accuracy_std",
     "best_accuracy_mean",
@@ -28,18 +29,24 @@ COLUMNS = (
     "new_client_full_accuracy_std",
     "bytes_uploaded_per_round",
     "mb_uploaded_per_round",
+    "mb_downloaded_per_round",
+    "compression_up",
+    "compression_down",
     "seconds_per_round",
+    "codec_share",
     "shared_parameters",
     "private_parameters",
     "seeds",
     "partial_seeds",
 )
-"""One row per algorithm. Accuracies are in %; ``*_std`` over seeds is the sample std (None for
-a single seed); ``client_accuracy_std`` is the final round's spread across clients, mean over
-seeds; ``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the
-federation (clients that dropped out): such a row is not ranked with the others. The global
-and new-client accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a method
-has no such number (or a run predates them)."""
+"""One row per algorithm and uplink codec. Accuracies are in %; ``*_std`` over seeds is the sample
+std (None for a single seed); ``client_accuracy_std`` is the final round's spread across clients,
+mean over seeds; bytes are the encoded bytes (MB = 10^6 bytes), ``compression_*`` how many times
+fewer than without a codec, ``codec_share`` the codecs' share of the run's round time;
+``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the federation
+(clients that dropped out): such a row is not ranked with the others. The global and new-client
+accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a method has no such number
+(or a run predates them)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -53,12 +60,20 @@ def optional_mean_std(summaries: list[dict[str, Any]], key: str) -> tuple[float 
     return mean_std(present) if len(present) == len(values) else (None, None)
 
 
-def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of ``algorithm`` with uplink ``codec`` over its seeds' summaries (a run from before
+    codecs existed has no raw byte counts: it sent them as they were)."""
     final_mean, final_std = mean_std([100 * s["final_accuracy"] for s in summaries])
     best_mean, best_std = mean_std([100 * s["best_accuracy"] for s in summaries])
     up = statistics.fmean(s["bytes_uploaded_per_round"] for s in summaries)
+    down = statistics.fmean(s["bytes_downloaded"] / s["rounds"] for s in summaries)
+    raw_up = sum(s.get("raw_bytes_uploaded", s["bytes_uploaded"]) for s in summaries)
+    raw_down = sum(s.get("raw_bytes_downloaded", s["bytes_downloaded"]) for s in summaries)
+    sent_up = sum(s["bytes_uploaded"] for s in summaries)
+    sent_down = sum(s["bytes_downloaded"] for s in summaries)
     return {
         "algorithm": algorithm,
+        "codec": codec,
         "final_accuracy_mean": final_mean,
         "final_accuracy_std": final_std,
         "best_accuracy_mean": best_mean,
@@ -71,7 +86,11 @@ def algorithm_row(algorithm: str, summaries: list[dict[str, Any]]) -> dict[str, 
         },
         "bytes_uploaded_per_round": up,
         "mb_uploaded_per_round": up / 1e6,
+        "mb_downloaded_per_round": down / 1e6,
+        "compression_up": raw_up / sent_up if sent_up else 1.0,
+        "compression_down": raw_down / sent_down if sent_down else 1.0,
         "seconds_per_round": statistics.fmean(s["seconds_per_round"] for s in summaries),
+        "codec_share": statistics.fmean(s.get("codec_share", 0.0) for s in summaries),
         "shared_parameters": summaries[0]["parameters"]["shared"],
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
@@ -122,34 +141,39 @@ def to_markdown(
         "",
         f"Settings: dataset `{d.dataset}` (fraction {d.fraction}), partition `{d.partition}`, "
         f"alpha {d.alpha}, clients {d.clients}, rounds {config.rounds}, "
-        f"seeds {', '.join(map(str, seeds))}; all settings in `{grid}`, each run's files in "
-        f"`{runs}/<algorithm>-seed<seed>/`.",
+        f"downlink `{config.downlink}`, seeds {', '.join(map(str, seeds))}; all settings in "
+        f"`{grid}`, each run's files in `{runs}/<algorithm>[-<codec>]-seed<seed>/`.",
         "",
         f"Accuracy is personalized accuracy on the clients' own {evaluated_on} data (pooled over "
         "clients), in %, as mean ± sample std over seeds. Client spread is the std of per-client "
         "accuracy at the final round, mean over seeds. Upload counts the bytes all clients send "
-        "per round (MB = 10^6 bytes). Every method is reported as measured, under the same "
-        "settings and partitions. Rows are sorted by final accuracy, highest first (rows marked "
-        "†, whose final accuracy covers fewer clients, after the others). Global acc is "
-        "the global model (where a method has one) on every client's test data; new-client acc "
-        f"scores the {config.new_clients} clients held out of training after "
+        "per round, as encoded by the uplink codec (MB = 10^6 bytes); download likewise, by the "
+        "downlink codec; ratio is how many times fewer bytes than without a codec, up / down; "
+        "codec is the encoding and decoding's share of the round time. Every method is reported "
+        "as measured, under the same settings and partitions. Rows are sorted by final accuracy, "
+        "highest first (rows marked †, whose final accuracy covers fewer clients, after the "
+        "others). Global acc is the global model (where a method has one) on every client's test "
+        f"data; new-client acc scores the {config.new_clients} clients held out of training after "
         f"{config.new_client_epochs} epoch(s) of training their private parts on the broadcast "
         "(zero-shot: before, with the global model); n/a where a method has no such number.",
         "",
-        "| algorithm | final acc (%) | best acc (%) | client spread (%) | global acc (%) "
+        "| algorithm | uplink | final acc (%) | best acc (%) | client spread (%) | global acc (%) "
         "| new-client acc (%) | new-client zero-shot (%) | upload / round (bytes) "
-        "| upload / round (MB) | s / round | shared params | private params | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| upload / round (MB) | download / round (MB) | ratio up / down "
+        "| s / round | codec | shared params | private params | seeds |",
+        "|---|---|" + "---:|" * 15,
     ]
     lines += [
-        f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} "
+        f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} | {r['codec']} "
         f"| {format_mean_std(r, 'final_accuracy')} "
         f"| {format_mean_std(r, 'best_accuracy')} "
         f"| {r['client_accuracy_std']:.2f} | {format_mean_std(r, 'global_accuracy')} "
         f"| {format_mean_std(r, 'new_client_accuracy')} "
         f"| {format_mean_std(r, 'new_client_zero_shot_accuracy')} "
         f"| {r['bytes_uploaded_per_round']:,.0f} "
-        f"| {r['mb_uploaded_per_round']:.3f} | {r['seconds_per_round']:.2f} "
+        f"| {r['mb_uploaded_per_round']:.3f} | {r['mb_downloaded_per_round']:.3f} "
+        f"| {r['compression_up']:.1f}× / {r['compression_down']:.1f}× "
+        f"| {r['seconds_per_round']:.2f} | {100 * r['codec_share']:.1f} % "
         f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
         for r in rows
     ]

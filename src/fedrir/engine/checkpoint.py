@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedrir.algorithms.base import Payload
-from fedrir.engine.ledger import COUNTERS
+from fedrir.engine.ledger import BEFORE_CODECS, COUNTERS, RECORD_BEFORE_CODECS
 from fedrir.engine.store import write_tensors
 from fedrir.errors import FedrirError
 from fedrir.results import RoundRecord, atomic_write, strict_json
@@ -92,6 +92,8 @@ class Checkpointer:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     records = {f.name for f in fields(RoundRecord)}
+    before = records - RECORD_BEFORE_CODECS
+    counters = (set(COUNTERS), set(COUNTERS) - BEFORE_CODECS)
     try:
         data = json.loads(path.read_text())
         if not (
@@ -102,9 +104,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             and isinstance(data.get("clients"), dict)
             and all(k.isdigit() and isinstance(v, str) for k, v in data["clients"].items())
             and isinstance(data.get("history"), list)
-            and all(isinstance(r, dict) and set(r) == records for r in data["history"])
+            and all(isinstance(r, dict) and set(r) in (records, before) for r in data["history"])
             and isinstance(data.get("counters"), dict)
-            and set(data["counters"]) == set(COUNTERS)
+            and set(data["counters"]) in counters
             and isinstance(data.get("setting", {}), dict)
             and isinstance(data.get("wall_seconds", 0.0), int | float)
         ):

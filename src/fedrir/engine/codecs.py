@@ -26,10 +26,18 @@ Specs (the ``uplink`` / ``downlink`` config keys):
 - ``topk:R+C``, C one of the casts or quantizers: the kept values travel through C, and C's error
   on them also goes into the residual, so Σ sent + residual = Σ true updates up to float rounding.
 
-Encoded keys are ``<key>/<part>``: ``v`` values, ``i`` indices (the smallest integer dtype that
-holds them), ``s`` scales, ``h`` header (int32: dtype code, then the shape), ``r`` a tensor passed
-through as it is (anything but float32/64, float16 and bfloat16, e.g. BatchNorm's
-``num_batches_tracked``). ``decode`` needs nothing but the encoded dict and the codec.
+Top-k sends its entries in index order, and their positions in whichever of two forms is smaller
+for the tensor: ``i``, the indices in the smallest integer dtype that holds them, or ``g``, the gaps
+between consecutive indices (minus one) as bytes, a gap g of 255 or more as ⌊g / 255⌋ bytes 255
+(each adding 255) followed by g mod 255. At R = 1 % the gaps average 100, so a position costs
+about 1.1 bytes instead of 4 (int32 indices for tensors of more than 65 536 entries): with int8
+values top-k 1 % sends ~2.1 bytes per kept entry, ~190× fewer than float32, where int32 indices
+would cap it at 80×. At R = 0.1 % the gaps average 1000 and plain indices are smaller.
+
+Encoded keys are ``<key>/<part>``: ``v`` values, ``i`` indices or ``g`` gaps (above), ``s``
+scales, ``h`` header (int32: dtype code, then the shape), ``r`` a tensor passed through as it is
+(anything but float32/64, float16 and bfloat16, e.g. BatchNorm's ``num_batches_tracked``).
+``decode`` needs nothing but the encoded dict and the codec.
 """
 
 from __future__ import annotations
@@ -152,6 +160,29 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.to(torch.uint8).view(-1)[:count]
 
 
+def _positions(index: torch.Tensor, n: int) -> Tensors:
+    """The ascending ``index`` (below ``n``) as the smaller of its two forms (module doc)."""
+    gaps = torch.diff(index, prepend=index.new_full((1,), -1)) - 1
+    escapes = gaps // 255
+    plain = index.to(_index_dtype(n))
+    if len(index) + int(escapes.sum()) >= plain.numel() * plain.element_size():
+        return {"i": plain}
+    ends = torch.cumsum(escapes + 1, dim=0) - 1
+    coded = torch.full((int(ends[-1]) + 1,), 255, dtype=torch.uint8, device=index.device)
+    coded[ends] = (gaps % 255).to(torch.uint8)
+    return {"g": coded}
+
+
+def _indices(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The indices :func:`_positions` encoded, as int64."""
+    if "i" in parts:
+        return parts["i"].long()
+    coded = parts["g"].long()
+    totals = torch.cumsum(coded, dim=0)[coded != 255]  # a gap ends at each byte below 255
+    gaps = torch.diff(totals, prepend=totals.new_zeros(1))
+    return torch.cumsum(gaps + 1, dim=0) - 1
+
+
 def _index_dtype(n: int) -> torch.dtype:
     """The smallest integer dtype that holds every index below ``n``."""
     for dtype in (torch.uint8, torch.int16, torch.int32):
@@ -214,12 +245,11 @@ class Codec:
         assert self.values is not None and self.fraction is not None
         n = flat.numel()
         k = min(n, max(1, round(self.fraction * n)))
-        # sorted by magnitude, so that a quantizer's chunks hold entries of similar size
-        index = flat.abs().topk(k, sorted=True).indices
+        index = flat.abs().topk(k, sorted=False).indices.sort().values
         kept = flat[index]
         parts = self.values.encode(kept, rng)
         sent = self.values.decode(parts, k, flat.dtype)
-        parts["i"] = index.to(_index_dtype(n))
+        parts.update(_positions(index, n))
         return parts, flat.index_put((index,), kept - sent)
 
     def decode(self, encoded: Mapping[str, torch.Tensor]) -> Tensors:
@@ -242,7 +272,7 @@ class Codec:
             if self.fraction is None:
                 out[key] = self.values.decode(parts, count, dtype).view(shape)
             else:
-                index = parts["i"].long()
+                index = _indices(parts)
                 dense = torch.zeros(count, dtype=dtype, device=index.device)
                 dense[index] = self.values.decode(parts, len(index), dtype)
                 out[key] = dense.view(shape)

@@ -10,9 +10,11 @@ its upload, the aggregate, an evaluation loss): one line naming the round, the c
 quantity, before anything of that round is recorded, so the last checkpoint stays the last good
 one and no result file ever holds a NaN.
 
-Bytes come in two kinds, named apart: ``bytes_*`` are the tensor bytes of the payloads handed over
-(the same on either engine), ``message_bytes_*`` what the transport actually carried for them
-(Flower: the serialized messages; in-process, where nothing is serialized, the tensor bytes).
+Bytes come in three kinds, named apart: ``bytes_*`` are the tensor bytes of the encoded payloads
+handed over (every part a codec sends: values, indices, scales, headers; the same on either
+engine), ``raw_bytes_*`` those of the payloads before encoding (equal to ``bytes_*`` with the
+``none`` codec), and ``message_bytes_*`` what the transport actually carried (Flower: the serialized
+messages; in-process, where nothing is serialized, the encoded tensor bytes).
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from fedrir.results import RoundRecord, generalization, pooled, weighted_metrics
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes one round moved: tensor bytes and the transport's message bytes, each way."""
+    """Bytes one round moved each way (encoded, before encoding, and the transport's messages),
+    and the seconds its codecs took."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     message_bytes_up: int = 0
     message_bytes_down: int = 0
+    raw_bytes_up: int = 0
+    raw_bytes_down: int = 0
+    codec_seconds: float = 0.0
 
 
 @dataclass
@@ -48,6 +54,9 @@ class Ledger:
     bytes_down: int = 0
     message_bytes_up: int = 0
     message_bytes_down: int = 0
+    raw_bytes_up: int = 0
+    raw_bytes_down: int = 0
+    codec_seconds: float = 0.0
     bytes_evaluation_downloaded: int = 0
     seconds: float = 0.0
 
@@ -86,6 +95,11 @@ class Ledger:
             bytes_down=traffic.bytes_down,
             message_bytes_up=traffic.message_bytes_up,
             message_bytes_down=traffic.message_bytes_down,
+            raw_bytes_up=traffic.raw_bytes_up,
+            raw_bytes_down=traffic.raw_bytes_down,
+            compression_up=ratio(traffic.raw_bytes_up, traffic.bytes_up),
+            compression_down=ratio(traffic.raw_bytes_down, traffic.bytes_down),
+            codec_seconds=traffic.codec_seconds,
             bytes_up_total=self.bytes_up,
             bytes_down_total=self.bytes_down,
             seconds=seconds,
@@ -107,10 +121,32 @@ class Ledger:
 
     @classmethod
     def restore(cls, history: Sequence[Mapping[str, Any]], counters: Mapping[str, Any]) -> Ledger:
-        ledger = cls(history=[RoundRecord(**r) for r in history])
+        """The ledger a checkpoint holds; one written before codecs were wired sent everything
+        as it was (raw bytes = bytes, no codec time)."""
+        ledger = cls(history=[RoundRecord(**_as_sent(r)) for r in history])
+        before = {"raw_bytes_up": "bytes_up", "raw_bytes_down": "bytes_down"}
         for name in COUNTERS:
-            setattr(ledger, name, type(getattr(ledger, name))(counters[name]))
+            value = counters.get(name, counters.get(before.get(name, ""), 0))
+            setattr(ledger, name, type(getattr(ledger, name))(value))
         return ledger
+
+
+def _as_sent(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record``, with the codec fields of a round whose payloads went as they were if it
+    has none (written before codecs were wired)."""
+    sent = {
+        "raw_bytes_up": record["bytes_up"],
+        "raw_bytes_down": record["bytes_down"],
+        "compression_up": 1.0,
+        "compression_down": 1.0,
+        "codec_seconds": 0.0,
+    }
+    return sent | dict(record)
+
+
+def ratio(raw: int, encoded: int) -> float:
+    """How many times fewer bytes the codec sent (1.0 when nothing was sent)."""
+    return raw / encoded if encoded else 1.0
 
 
 def diverged(round_: int, what: str) -> FedrirError:
@@ -146,3 +182,7 @@ def check_aggregate(round_: int, server: Payload) -> None:
 
 COUNTERS = tuple(f.name for f in fields(Ledger) if f.name != "history")
 """The running totals a checkpoint carries besides the history."""
+BEFORE_CODECS = frozenset({"raw_bytes_up", "raw_bytes_down", "codec_seconds"})
+"""The counters that a checkpoint written before codecs were wired lacks (restore fills them in)."""
+RECORD_BEFORE_CODECS = BEFORE_CODECS | {"compression_up", "compression_down"}
+"""The record fields such a checkpoint's history lacks (:func:`_as_sent` fills them in)."""

@@ -4,7 +4,8 @@ Per round: plan (who takes part), local updates on the broadcast payload, aggreg
 evaluation rounds personalized evaluation of every training client (or of a seeded sample, on
 intermediate rounds with ``eval_clients``), on generalization rounds also the global model on them
 and the new clients (adapted from their initial states, then thrown away), then the round is
-closed (:mod:`.ledger`) and a checkpoint written.
+closed (:mod:`.ledger`) and a checkpoint written. Everything that crosses between server and
+clients goes through the :class:`~fedrir.engine.transport.Transport` (the codecs), as on Flower.
 Clients' states go through the :class:`~fedrir.engine.store.ClientStore`: loaded when the round
 touches a client, written back when they changed, never all in memory at once.
 """
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrir import streams
 from fedrir.algorithms.base import Algorithm, Payload, payload_bytes
 from fedrir.config import Config
 from fedrir.data.types import FederatedData
@@ -24,6 +24,7 @@ from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer, Snapshot
 from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
 from fedrir.engine.store import ClientStore
+from fedrir.engine.transport import Transport
 from fedrir.results import RoundRecord
 
 
@@ -66,52 +67,62 @@ def simulate(
     on_round: Callable[[RoundRecord | None, int], None] | None = None,
 ) -> SimState:
     """Run rounds ``state.round + 1 … config.rounds``; ``on_round(record, round)`` after each."""
-    runtime, store = algorithm.runtime, state.clients
+    store, transport = state.clients, Transport(algorithm)
     while state.round < config.rounds:
         start = time.perf_counter()
         r = state.round + 1
         plan = rounds.plan_round(config, r, data.num_clients)
-        down = payload_bytes(state.server) * len(plan.selected)
-        updates, trained, up = [], [], 0
+        sent = transport.broadcast(state.server, r)
+        codec_seconds = sent.seconds
+        updates, trained, up, raw_up = [], [], 0, 0
         for c in plan.participants:  # a dropped client fails mid-round: nothing comes back
-            rng = runtime.generator(streams.train_seed(config.seed, r, c))
-            update = algorithm.local_update(state.server, store.get(c), data.clients[c], rng)
-            check_update(r, c, update.payload, update.metrics)
+            update, seconds = transport.train(sent.received, store.get(c), data.clients[c], r, c)
+            upload, unpacking = transport.unpack(update.payload, sent.received)
+            check_update(r, c, upload, update.metrics)
             store.put(c, update.state)
-            updates.append((update.payload, update.num_examples))
+            codec_seconds += seconds + unpacking
+            updates.append((upload, update.num_examples))
             trained.append((update.metrics, update.num_examples))
             up += payload_bytes(update.payload)
+            raw_up += payload_bytes(upload)
         state.server = algorithm.aggregate(state.server, updates)
         check_aggregate(r, state.server)
         state.round = r
-        evaluations, global_evaluations, new = None, None, {}
+        evaluations, global_evaluations, new, evaluation_download = None, None, {}, 0
         if rounds.is_eval_round(config, r):
+            shown = transport.broadcast(state.server, r, evaluation=True)
+            codec_seconds += shown.seconds
             evaluated = rounds.evaluated_clients(config, r, data.num_clients)
             evaluations = {
-                c: algorithm.evaluate(
-                    state.server,
-                    store.get(c),
-                    data.clients[c],
-                    runtime.generator(streams.eval_seed(config.seed, r, c)),
-                )
+                c: transport.evaluate(shown.received, store.get(c), data.clients[c], r, c)
                 for c in evaluated
             }
-        if rounds.is_generalization_round(config, r):
-            global_evaluations = {
-                c: algorithm.evaluate_global(state.server, data.clients[c]) for c in evaluated
-            }
-            new = {
-                c: rounds.evaluate_new_client(algorithm, state.server, c, data.clients[c], r)
-                for c in rounds.new_clients(config, data.num_clients)
-            }
+            if rounds.is_generalization_round(config, r):
+                global_evaluations = {
+                    c: algorithm.evaluate_global(shown.received, data.clients[c]) for c in evaluated
+                }
+                new = {
+                    c: rounds.evaluate_new_client(algorithm, shown.received, c, data.clients[c], r)
+                    for c in rounds.new_clients(config, data.num_clients)
+                }
+            evaluation_download = payload_bytes(shown.encoded) * (len(evaluations) + len(new))
+        down = payload_bytes(sent.encoded) * len(plan.selected)
         record = state.ledger.close(
             r,
             selected=len(plan.selected),
             trained=trained,
-            traffic=Traffic(up, down, up, down),
+            traffic=Traffic(
+                bytes_up=up,
+                bytes_down=down,
+                message_bytes_up=up,
+                message_bytes_down=down,
+                raw_bytes_up=raw_up,
+                raw_bytes_down=payload_bytes(sent.received) * len(plan.selected),
+                codec_seconds=codec_seconds,
+            ),
             seconds=time.perf_counter() - start,
             evaluations=evaluations,
-            evaluation_download=payload_bytes(state.server) * (len(evaluations or ()) + len(new)),
+            evaluation_download=evaluation_download,
             global_evaluations=global_evaluations,
             new_clients=new,
         )

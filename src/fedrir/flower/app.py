@@ -16,10 +16,15 @@ from the checkpointed states.
 
 Messages:
 - ``query``: the server asks each node which client it holds (and the input shape and classes);
-- ``train``: payload + round + state file → upload + sample count + training metrics + new file;
+- ``train``: payload + round + state file → upload + sample count + training metrics + codec
+  seconds + new file;
 - ``evaluate``: payload + round + state file → correct / total / loss sum on its evaluation set
   (with ``generalize``: the global model's too); with ``new-client``, the client is a new one: it
   adapts from its initial state and answers zero-shot, adapted (and full) counts, keeping nothing.
+
+Payloads travel encoded by the run's codecs both ways (:class:`~fedrir.engine.transport.Transport`,
+the same code as the in-process engine's): the broadcast by ``downlink``, the upload as an update
+by ``uplink``, its error-feedback residual kept in the client's state file.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from fedrir import runs, streams
+from fedrir import runs
 from fedrir.algorithms import get_algorithm
 from fedrir.algorithms.base import Algorithm, State, Task
 from fedrir.config import KEYS, Config, flat_value, run_identity, with_overrides
@@ -58,10 +63,12 @@ from fedrir.engine.checkpoint import Checkpointer, check_setting
 from fedrir.engine.ledger import Ledger
 from fedrir.engine.runtime import resolve_runtime, torch_threads
 from fedrir.engine.store import NodeStore
+from fedrir.engine.transport import Transport
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.flower.records import evaluation_metrics, from_record, to_record
 from fedrir.flower.strategy import (
     ADAPTED,
+    CODEC_SECONDS,
     COMMITTED_FILE,
     CONFIG_RECORD,
     FULL,
@@ -218,17 +225,23 @@ def make_client_app(
         if partition in rounds.plan_round(config, round_, config.data.clients).dropped:
             reason = f"client {partition} drops out of round {round_} (dropout={config.dropout})"
             return Message(Error(DROPPED_OUT, reason), reply_to=message)
-        payload = from_record(
-            message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
+        transport = Transport(algorithm)
+        received, decoding = transport.receive(
+            from_record(message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device)
         )
-        rng = algorithm.runtime.generator(streams.train_seed(config.seed, round_, partition))
         store = _store(context, config, algorithm, state_dir)
         state = _state(store, algorithm, partition, message)
-        update = algorithm.local_update(payload, state, data, rng)
+        update, encoding = transport.train(received, state, data, round_, partition)
         written = store.save(partition, round_, update.state)
         named = message.content.config_records[CONFIG_RECORD]
         store.prune(partition, {written, str(named[STATE_FILE]), str(named[COMMITTED_FILE])})
-        metrics = MetricRecord({NUM_EXAMPLES: update.num_examples, **update.metrics})
+        metrics = MetricRecord(
+            {
+                NUM_EXAMPLES: update.num_examples,
+                CODEC_SECONDS: decoding + encoding,
+                **update.metrics,
+            }
+        )
         content = RecordDict(
             {
                 PAYLOAD_RECORD: to_record(update.payload),
@@ -243,10 +256,11 @@ def make_client_app(
         config, algorithm, data, partition = _client(context, load)
         named = message.content.config_records[CONFIG_RECORD]
         round_ = int(named["round"])  # type: ignore[arg-type]
-        payload = from_record(
-            message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device
-        )
+        transport = Transport(algorithm)
         with torch_threads(config):
+            payload, _ = transport.receive(
+                from_record(message.content.array_records[PAYLOAD_RECORD], algorithm.runtime.device)
+            )
             if named.get(NEW_CLIENT, False):  # nothing stored: a new client's state is thrown away
                 new = rounds.evaluate_new_client(algorithm, payload, partition, data, round_)
                 counts = (
@@ -255,10 +269,11 @@ def make_client_app(
                     | evaluation_metrics(FULL, new.full)
                 )
             else:
-                rng = algorithm.runtime.generator(streams.eval_seed(config.seed, round_, partition))
                 store = _store(context, config, algorithm, state_dir)
                 state = _state(store, algorithm, partition, message)
-                counts = evaluation_metrics("", algorithm.evaluate(payload, state, data, rng))
+                counts = evaluation_metrics(
+                    "", transport.evaluate(payload, state, data, round_, partition)
+                )
                 if named.get(GENERALIZE, False):
                     counts |= evaluation_metrics(GLOBAL, algorithm.evaluate_global(payload, data))
         metrics = MetricRecord(dict(counts))

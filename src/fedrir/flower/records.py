@@ -3,6 +3,8 @@
 A fedrir ``Payload`` or ``State`` is a ``dict[str, Tensor]``; an ``ArrayRecord`` is Flower's
 ``dict[str, Array]`` (each array serialized with ``np.save``). The conversion is exact, so a
 payload that crosses the Flower transport is bit-for-bit the one the in-process engine hands over.
+NumPy has no bfloat16 (the ``bf16`` codec's values): such a tensor travels as its 16-bit patterns
+(int16) in an Array whose ``dtype`` says ``bfloat16``, and is viewed back on arrival.
 """
 
 from __future__ import annotations
@@ -10,20 +12,35 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedrir.algorithms.base import Evaluation, Payload
 from fedrir.errors import FedrirError
 
+BFLOAT16 = "bfloat16"
+
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Tensors (on any device, any memory format) → an ArrayRecord, keys and order kept."""
-    return ArrayRecord(torch_state_dict=dict(tensors))
+    return ArrayRecord({key: _array(t) for key, t in tensors.items()})
+
+
+def _array(t: torch.Tensor) -> Array:
+    if t.dtype != torch.bfloat16:
+        return Array.from_numpy_ndarray(t.detach().cpu().numpy())
+    array = Array.from_numpy_ndarray(t.detach().cpu().view(torch.int16).numpy())
+    array.dtype = BFLOAT16
+    return array
 
 
 def from_record(record: ArrayRecord, device: torch.device) -> Payload:
     """An ArrayRecord → tensors on ``device`` (used for payloads and client states alike)."""
-    return {key: torch.from_numpy(array.numpy()).to(device) for key, array in record.items()}
+    return {key: _tensor(array).to(device) for key, array in record.items()}
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    t = torch.from_numpy(array.numpy())
+    return t.view(torch.bfloat16) if array.dtype == BFLOAT16 else t
 
 
 def evaluation_metrics(prefix: str, evaluation: Evaluation | None) -> dict[str, int | float]:

@@ -5,7 +5,8 @@ training and then for evaluation); this class only translates between that loop 
 contract. Who trains follows :func:`fedrir.engine.rounds.plan_round` (partition ids mapped to node
 ids), the server side is ``algorithm.aggregate``, and on evaluation rounds every training client
 is evaluated (on generalization rounds also with the global model, and the new clients, which
-adapt on their own nodes from the broadcast and keep nothing); the round is closed by the same
+adapt on their own nodes from the broadcast and keep nothing); payloads cross through the same
+:class:`~fedrir.engine.transport.Transport` (codecs) and the round is closed by the same
 :class:`~fedrir.engine.ledger.Ledger` as in the in-process engine. Updates are aggregated in
 partition order so that the floating-point sums match that engine too.
 
@@ -16,6 +17,7 @@ restarted ServerApp continues (``start_round``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +33,7 @@ from fedrir.algorithms.base import Algorithm, NewClientEvaluation, Payload, payl
 from fedrir.engine import rounds
 from fedrir.engine.checkpoint import Checkpointer
 from fedrir.engine.ledger import Ledger, Traffic, check_aggregate, check_update
+from fedrir.engine.transport import Broadcast, Transport
 from fedrir.errors import FedrirError
 from fedrir.flower.records import (
     evaluation_from,
@@ -43,7 +46,9 @@ from fedrir.results import RoundRecord
 
 # names of the records inside message contents, shared with the ClientApp
 PAYLOAD_RECORD, CONFIG_RECORD, METRICS_RECORD = "payload", "config", "metrics"
-NUM_EXAMPLES = "num-examples"
+NUM_EXAMPLES, CODEC_SECONDS = "num-examples", "codec-seconds"
+REPLY_KEYS = (NUM_EXAMPLES, CODEC_SECONDS)
+"""Metric-record keys of a training reply besides the training metrics."""
 STATE_FILE, COMMITTED_FILE = "state-file", "committed-file"
 """Config-record keys: the file a client starts from (empty: its initial state; in a reply: the
 file it wrote), and the one the last checkpoint names (which the client must keep)."""
@@ -60,9 +65,12 @@ class _Round:
 
     start: float
     server: Payload
+    sent: Broadcast
     selected: int
     bytes_down: int
+    raw_bytes_down: int
     message_bytes_down: int
+    codec_seconds: float
     traffic: Traffic = field(default_factory=Traffic)
     trained: list[tuple[dict[str, float], int]] = field(default_factory=list)
     evaluation_download: int = 0
@@ -104,6 +112,7 @@ class FedrirStrategy(Strategy):
         1, 2, … are then rounds ``start_round`` + 1, + 2, … of the run."""
         self.algorithm = algorithm
         self.config = algorithm.config
+        self.transport = Transport(algorithm)
         self.nodes = dict(nodes)
         self.partition = {node: p for p, node in self.nodes.items()}
         self.on_round = on_round
@@ -175,9 +184,19 @@ class FedrirStrategy(Strategy):
         r = server_round + self.offset
         plan = rounds.plan_round(self.config, r, len(self.nodes))
         server = from_record(arrays, self.algorithm.runtime.device)
-        messages = self._messages(grid, plan.selected, arrays, MessageType.TRAIN, r)
-        down = payload_bytes(server) * len(messages)
-        self._round = _Round(start, server, len(plan.selected), down, message_bytes(messages))
+        sent = self.transport.broadcast(server, r)
+        encoded = arrays if sent.encoded is server else to_record(sent.encoded)
+        messages = self._messages(grid, plan.selected, encoded, MessageType.TRAIN, r)
+        self._round = _Round(
+            start,
+            server,
+            sent,
+            len(plan.selected),
+            bytes_down=payload_bytes(sent.encoded) * len(messages),
+            raw_bytes_down=payload_bytes(server) * len(messages),
+            message_bytes_down=message_bytes(messages),
+            codec_seconds=sent.seconds,
+        )
         return messages
 
     def aggregate_train(
@@ -187,23 +206,28 @@ class FedrirStrategy(Strategy):
         device = self.algorithm.runtime.device
         r = server_round + self.offset
         answers = self._answers(replies, r)
-        updates = []
+        updates, up = [], 0
         for p, m in answers:
             self.files[p] = str(m.content.config_records[CONFIG_RECORD][STATE_FILE])
             numbers = m.content.metric_records[METRICS_RECORD]
             n = int(numbers[NUM_EXAMPLES])  # type: ignore[arg-type]
-            payload = from_record(m.content.array_records[PAYLOAD_RECORD], device)
-            metrics = {k: float(v) for k, v in numbers.items() if k != NUM_EXAMPLES}  # type: ignore[arg-type]
-            check_update(r, p, payload, metrics)
-            updates.append((payload, n))
+            encoded = from_record(m.content.array_records[PAYLOAD_RECORD], device)
+            upload, seconds = self.transport.unpack(encoded, cur.sent.received)
+            metrics = {k: float(v) for k, v in numbers.items() if k not in REPLY_KEYS}  # type: ignore[arg-type]
+            check_update(r, p, upload, metrics)
+            cur.codec_seconds += seconds + float(numbers[CODEC_SECONDS])  # type: ignore[arg-type]
+            up += payload_bytes(encoded)
+            updates.append((upload, n))
             cur.trained.append((metrics, n))
         cur.server = self.algorithm.aggregate(cur.server, updates)
         check_aggregate(r, cur.server)
         cur.traffic = Traffic(
-            bytes_up=sum(payload_bytes(p) for p, _ in updates),
+            bytes_up=up,
             bytes_down=cur.bytes_down,
             message_bytes_up=message_bytes(m for _, m in answers),
             message_bytes_down=cur.message_bytes_down,
+            raw_bytes_up=sum(payload_bytes(p) for p, _ in updates),
+            raw_bytes_down=cur.raw_bytes_down,
         )
         return to_record(cur.server), None
 
@@ -213,7 +237,12 @@ class FedrirStrategy(Strategy):
         r = server_round + self.offset
         if not rounds.is_eval_round(self.config, r):
             return []
+        cur = self.current
         evaluated = rounds.evaluated_clients(self.config, r, len(self.nodes))
+        shown = self.transport.broadcast(cur.server, r, evaluation=True)
+        cur.codec_seconds += shown.seconds
+        if shown.encoded is not cur.server:
+            arrays = to_record(shown.encoded)
         kind = MessageType.EVALUATE
         if rounds.is_generalization_round(self.config, r):
             new = rounds.new_clients(self.config, len(self.nodes))
@@ -221,7 +250,7 @@ class FedrirStrategy(Strategy):
             messages += self._messages(grid, new, arrays, kind, r, {NEW_CLIENT: True})
         else:
             messages = self._messages(grid, evaluated, arrays, kind, r)
-        self.current.evaluation_download = payload_bytes(self.current.server) * len(messages)
+        cur.evaluation_download = payload_bytes(shown.encoded) * len(messages)
         return messages
 
     def aggregate_evaluate(
@@ -254,7 +283,7 @@ class FedrirStrategy(Strategy):
             r,
             selected=cur.selected,
             trained=cur.trained,
-            traffic=cur.traffic,
+            traffic=dataclasses.replace(cur.traffic, codec_seconds=cur.codec_seconds),
             seconds=time.perf_counter() - cur.start,
             evaluations=evaluations,
             evaluation_download=cur.evaluation_download,
