@@ -241,7 +241,10 @@ def test_loopback_node_gone_mid_run_leaves_the_others_running(tmp_path: Path) ->
     assert not complete["final_accuracy_partial"]
     assert complete["final_accuracy"] < summary["final_accuracy"]
     rows = tables.rank(
-        [tables.algorithm_row("gone", [summary]), tables.algorithm_row("whole", [complete])]
+        [
+            tables.algorithm_row("gone", "none", [summary]),
+            tables.algorithm_row("whole", "none", [complete]),
+        ]
     )
     assert [(r["algorithm"], r["partial_seeds"]) for r in rows] == [("whole", 0), ("gone", 1)]
     markdown = tables.to_markdown(rows, cfg, [0], "test", "cmd", ("grid.toml", "runs"))
