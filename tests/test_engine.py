@@ -195,7 +195,7 @@ def test_resume_without_a_checkpoint_keeps_the_results(tmp_path: Path) -> None:
         (["run", "--out", __file__], "is a file, not a folder"),
         (["compare", "--algorithms", "fedavg", "--out", __file__], "not a folder"),
         (["run", "--resume", "/nonexistent-run", "--out", "x"], "only --rounds may be changed"),
-        (["run", "--resume", ""], "holds no run to resume"),
+        (["run", "--resume", ""], "--resume is empty"),
         (["run", "--data-dir", "/nonexistent-data"], "/nonexistent-data is not a folder"),
         (["partition", "--heatmap", "labels.svg"], "not a .png path"),
     ],

@@ -264,6 +264,9 @@ def test_compare_tables_carry_the_numbers_and_na() -> None:
             "best_accuracy": final,
             "client_accuracy_std": 0.01,
             "bytes_uploaded_per_round": 1000.0,
+            "bytes_uploaded": 2000,
+            "bytes_downloaded": 2000,
+            "rounds": 2,
             "seconds_per_round": 1.0,
             "parameters": {"shared": 10, "private": 5},
             "global_accuracy": zero,
@@ -272,13 +275,17 @@ def test_compare_tables_carry_the_numbers_and_na() -> None:
             "new_client_full_accuracy": None,
         }
 
-    fedavg = tables.algorithm_row("fedavg", [summary(0.9, 0.5, 0.5), summary(0.8, 0.7, 0.6)])
+    fedavg = tables.algorithm_row(
+        "fedavg", "none", [summary(0.9, 0.5, 0.5), summary(0.8, 0.7, 0.6)]
+    )
     assert fedavg["new_client_accuracy_mean"] == pytest.approx(60.0)
     assert fedavg["global_accuracy_std"] == pytest.approx(statistics.stdev([50.0, 60.0]))
     assert fedavg["new_client_full_accuracy_mean"] is None
-    fedper = tables.algorithm_row("fedper", [summary(0.9, 0.4, None)])
+    fedper = tables.algorithm_row("fedper", "none", [summary(0.9, 0.4, None)])
     old = tables.algorithm_row(
-        "old", [{k: v for k, v in summary(0.9, 0.4, 0.3).items() if k not in GENERALIZATION}]
+        "old",
+        "none",
+        [{k: v for k, v in summary(0.9, 0.4, 0.3).items() if k not in GENERALIZATION}],
     )
     assert old["new_client_accuracy_mean"] is None  # a run from before these numbers
     md = tables.to_markdown(
@@ -289,6 +296,9 @@ def test_compare_tables_carry_the_numbers_and_na() -> None:
         "cmd",
         ("g", "r"),
     )
-    assert "| fedavg | 85.00 ± 7.07 | 85.00 ± 7.07 | 1.00 | 55.00 ± 7.07 | 60.00 ± 14.14 |" in md
-    assert "| fedper | 90.00 | 90.00 | 1.00 | n/a | 40.00 | n/a |" in md
+    assert (
+        "| fedavg | none | 85.00 ± 7.07 | 85.00 ± 7.07 | 1.00 | 55.00 ± 7.07 | 60.00 ± 14.14 |"
+        in md
+    )
+    assert "| fedper | none | 90.00 | 90.00 | 1.00 | n/a | 40.00 | n/a |" in md
     assert "n/a" not in tables.to_csv([fedavg])  # CSV: empty cells
