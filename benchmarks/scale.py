@@ -152,7 +152,10 @@ def main() -> None:
                     sys.executable, __file__, "--algorithms", algorithm, "--clients", str(clients),
                     "--rounds", str(args.rounds), "--engine", args.engine, "--cache-mb", str(mb),
                 ]  # fmt: skip
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{done.stderr[-3000:]}")
+                out = done.stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 steady = r["rounds"][1:] or r["rounds"]
                 per_round = sum(x["seconds"] for x in steady) / len(steady)
