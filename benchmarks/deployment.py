@@ -1,7 +1,10 @@
 """Seconds per round of a deployed run (SuperLink + SuperNodes + long-lived ClientApps on loopback,
 :mod:`fedrir.flower.loopback`) against the in-process round on the same settings.
 
-Settings: FedRIR, 3 clients, Dirichlet α = 1; ``digits`` (3 rounds) and 5 % of MNIST (2 rounds).
+Settings: FedRIR, 3 clients, Dirichlet α = 1, one torch thread per process; ``digits`` (3 rounds)
+and 5 % of MNIST (2 rounds). One thread, because the three ClientApps share this machine's cores:
+with two threads each (the default on 2 cores) their oneDNN threads spin against each other, and
+the busiest ClientApp took 8.4 s per MNIST round for work the in-process engine does in 0.5 s.
 For each: the in-process run, then the deployed run (each SuperNode with ``--isolation process``
 and one ``fedrir clientapp``), and with ``--variants`` also Flower's default (a new ClientApp
 process per message) and the long-lived setup with the SuperNode's idle poll shortened (a
@@ -35,7 +38,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {"dataset": "digits", "rounds": 3},
     "mnist-5%": {"dataset": "mnist", "fraction": 0.05, "rounds": 2},
 }
-COMMON = {"clients": 3, "partition": "dir", "alpha": 1.0, "checkpoint_every": 0, "device": "cpu"}
+COMMON = {
+    "clients": 3,
+    "partition": "dir",
+    "alpha": 1.0,
+    "checkpoint_every": 0,
+    "device": "cpu",
+    "threads": 1,
+}
 
 SHORT_POLL = """
 import sys, time

@@ -1,27 +1,34 @@
-"""Many clients in bounded memory: peak RSS, seconds per round, disk written, the store's share.
+"""Many clients in bounded memory: peak memory, seconds per round, disk written, the store's share.
 
 FedRIR (and FedAvg for contrast) on full MNIST split into 100 and 1 000 clients (Dirichlet α = 1,
 at least 20 samples each), 10 % of them training per round, 3 rounds, a seeded sample of 100
 clients evaluated on intermediate rounds and every client on the last. Each setting runs in a
-process of its own (so that its peak RSS is its own), once with the default state cache
+process of its own (so that its peak memory is its own), once with the default state cache
 (``--state-cache-mb 1024``) and once with a cache large enough for every touched state.
 
     python benchmarks/scale.py                          # the table (about 15 minutes on 2 cores)
     python benchmarks/scale.py --engine flower --clients 1000 --algorithms fedrir
 
-Disk written is what the process wrote (``wchar`` of /proc/self/io) per round; the store's share
+Peak memory is the larger of the process's peak RSS and the peak, sampled every 0.5 s, of the
+memory held by the process and all its descendants (on Flower: Ray's processes and the workers
+that run the clients; pages shared between processes counted once). Disk written is what the
+process wrote (``wchar`` of /proc/self/io) per round; the store's share
 is the time its reads and writes took over the rounds' time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,45 @@ from fedrir.engine.simulator import open_state, simulate
 from fedrir.runs import prepare, run_setting
 
 ALL_IN_MEMORY_MB = 64 * 1024
+
+
+def tree_pss() -> int:
+    """Bytes of memory held by this process and all its descendants (Flower's and Ray's
+    processes included), each page shared by several processes counted once in all (PSS)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree, grown = {os.getpid()}, True
+    while grown:
+        new = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree, grown = tree | new, bool(new)
+    total = 0
+    for pid in tree:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+@contextlib.contextmanager
+def peak_tree_pss(every: float = 0.5) -> Iterator[list[int]]:
+    """Samples :func:`tree_pss` every ``every`` seconds while the block runs; yields a list
+    whose one element is the peak so far."""
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            peak[0] = max(peak[0], tree_pss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 def written() -> int:
@@ -118,10 +164,10 @@ def measure_flower(config: Config) -> dict[str, Any]:
 
 def one(args: argparse.Namespace) -> None:
     config = settings(args, args.algorithms, args.clients[0], args.cache_mb)
-    numbers = measure_flower(config) if args.engine == "flower" else measure_in_process(config)
+    with peak_tree_pss() as tree:
+        numbers = measure_flower(config) if args.engine == "flower" else measure_in_process(config)
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(json.dumps(numbers | {"peak_rss_gib": usage, "peak_child_rss_gib": children}))
+    print(json.dumps(numbers | {"peak_rss_gib": usage, "peak_tree_gib": tree[0] / 2**30}))
 
 
 def main() -> None:
@@ -138,7 +184,7 @@ def main() -> None:
         one(args)
         return
     print(
-        "| algorithm | clients | cache | peak RSS (GiB) | s / round | MB written / round "
+        "| algorithm | clients | cache | peak memory (GiB) | s / round | MB written / round "
         "| store share | final acc (%) |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
@@ -166,7 +212,7 @@ def main() -> None:
                 )
                 store = sum(x.get("store_seconds", float("nan")) for x in steady)
                 share = f"{100 * store / (per_round * len(steady)):.1f} %"
-                rss = max(r["peak_rss_gib"], r["peak_child_rss_gib"])
+                rss = max(r["peak_rss_gib"], r["peak_tree_gib"])
                 print(
                     f"| {algorithm} | {clients:,} | {label} | {rss:.2f} | {per_round:.1f} "
                     f"| {mb_written} | {share} | {100 * r['accuracy']:.2f} |",

@@ -13,7 +13,8 @@ import re
 import tomllib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from fedrir.flower import app as flower_app
 from fedrir.flower import runner
 from fedrir.flower.app import (
     APP_SETTINGS,
+    PromptGrid,
     config_from_run_config,
     make_client_app,
     run_timeout,
@@ -191,6 +193,70 @@ class LoopbackGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError
+
+
+class Clock:
+    """A virtual clock for ``time.monotonic``/``time.sleep``: no test waits or races a timer."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class TrickleGrid(Grid):
+    """Replies to one message per pull, every ``gap`` seconds of the virtual clock."""
+
+    def __init__(self, clock: Clock, gap: float, answer: int) -> None:
+        self.clock, self.gap, self.answer, self.next_at = clock, gap, answer, gap
+        self.last = 0.0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        ids = sorted(message_ids, key=int)
+        if self.clock.now < self.next_at or not ids or int(ids[0]) >= self.answer:
+            return []
+        self.last, self.next_at = self.clock.now, self.clock.now + self.gap
+        reply = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=ids[0]))
+        return [cast(Message, reply)]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def set_run(self, run: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("answer", [50, 30])
+def test_a_phase_waits_for_the_next_reply_not_for_all_of_them(
+    monkeypatch: pytest.MonkeyPatch, answer: int
+) -> None:
+    """50 replies 2 s apart outlast a 10 s timeout, yet all arrive; when the replies stop (after
+    30), the phase ends 10 s after the last one, with what came."""
+    clock = Clock()
+    monkeypatch.setattr(flower_app, "time", clock)
+    grid = TrickleGrid(clock, gap=2.0, answer=answer)
+    replies = list(PromptGrid(grid).send_and_receive([cast(Message, None)] * 50, timeout=10.0))
+    assert len(replies) == answer and grid.last >= 2.0 * answer > 10.0
+    assert clock.now - grid.last == pytest.approx(10.0 if answer < 50 else 0.0, abs=0.2)
 
 
 def test_loopback_partial_participation_and_dropout_match_in_process(tmp_path: Path) -> None:

@@ -94,9 +94,9 @@ APP_SETTINGS: dict[str, UserConfigValue] = {
 }
 """Run-config keys of the app, not of the fedrir config: where the ServerApp writes its files
 (empty: a new folder under ``runs/`` of its working directory), how many seconds it waits for the
-SuperNodes to connect and for each round's replies, where clients keep their states (a node's own
-``state-dir`` in its node config comes first), and whether to continue the run in ``out-dir`` from
-its checkpoint."""
+SuperNodes to connect and, in a round, for the next reply (a round lasts as long as replies keep
+coming), where clients keep their states (a node's own ``state-dir`` in its node config comes
+first), and whether to continue the run in ``out-dir`` from its checkpoint."""
 
 RUN_KEYS = tuple(k for k in KEYS if k != "engine")
 """The fedrir keys in the run config (``engine`` is ``flower`` by definition here)."""
@@ -410,10 +410,13 @@ REPLY_POLL_SECONDS = 0.1
 
 
 class PromptGrid(Grid):
-    """The deployment's grid, collecting replies every :data:`REPLY_POLL_SECONDS` instead of
-    Flower 1.42's fixed 3 s (``HttpGrid.send_and_receive`` sleeps 3 s between two pulls, which
-    adds up to 3 s to every training and every evaluation phase). Everything else is Flower's:
-    this only re-implements ``send_and_receive`` on the grid's public push and pull."""
+    """The ServerApp's grid on either engine, collecting replies every
+    :data:`REPLY_POLL_SECONDS` (Flower 1.42's ``HttpGrid.send_and_receive`` sleeps 3 s between
+    two pulls, which adds up to 3 s to every training and every evaluation phase), and waiting
+    ``timeout`` seconds for the *next* reply rather than for all of them: a phase lasts as long
+    as replies keep coming, so a thousand clients' evaluation is not cut off by a limit sized
+    for twenty. Everything else is Flower's: this only re-implements ``send_and_receive`` on the
+    grid's public push and pull."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -447,6 +450,8 @@ class PromptGrid(Grid):
             pulled = list(self.pull_messages(waiting))
             replies.extend(pulled)
             waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if pulled and timeout is not None:
+                deadline = time.monotonic() + timeout
             if waiting:
                 time.sleep(REPLY_POLL_SECONDS)
         return replies

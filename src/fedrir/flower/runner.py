@@ -24,7 +24,7 @@ from fedrir import runs
 from fedrir.config import Config
 from fedrir.engine.runtime import available_cpus, thread_count
 from fedrir.errors import FedrirError
-from fedrir.flower.app import APP_SETTINGS, make_client_app, serve
+from fedrir.flower.app import APP_SETTINGS, PromptGrid, make_client_app, serve
 from fedrir.progress import Progress
 from fedrir.results import RoundRecord
 from fedrir.runs import RunResult
@@ -106,7 +106,9 @@ def run_flower(
     def main(grid: Grid, context: Context) -> None:
         timeout = float(APP_SETTINGS["timeout"])
         try:
-            results.append(serve(grid, config, out, timeout, on_round=after_round, resume=resume))
+            results.append(
+                serve(PromptGrid(grid), config, out, timeout, on_round=after_round, resume=resume)
+            )
         except (FedrirError, OSError) as e:  # raised again below, in the caller's thread
             errors.append(e)
 
