@@ -137,7 +137,35 @@ def _task_identity() -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-class LoopbackGrid(Grid):
+class StubGrid(Grid):
+    """A grid whose every method fails; the test grids below override what they use."""
+
+    def set_run(self, run: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+class LoopbackGrid(StubGrid):
     """Hands each message straight to a ClientApp, one Context per node; a node in ``gone``
     answers like a SuperNode that left (NODE_UNAVAILABLE). Node ids are not partition ids."""
 
@@ -178,22 +206,6 @@ class LoopbackGrid(Grid):
                     replies.append(Message(error, reply_to=m))
         return replies
 
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
 
 class Clock:
     """A virtual clock for ``time.monotonic``/``time.sleep``: no test waits or races a timer."""
@@ -208,7 +220,7 @@ class Clock:
         self.now += seconds
 
 
-class TrickleGrid(Grid):
+class TrickleGrid(StubGrid):
     """Replies to one message per pull, every ``gap`` seconds of the virtual clock."""
 
     def __init__(self, clock: Clock, gap: float, answer: int) -> None:
@@ -225,24 +237,6 @@ class TrickleGrid(Grid):
         self.last, self.next_at = self.clock.now, self.clock.now + self.gap
         reply = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=ids[0]))
         return [cast(Message, reply)]
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        raise NotImplementedError
 
 
 @pytest.mark.parametrize("answer", [50, 30])
