@@ -36,10 +36,11 @@ def _client_files(folder: Path) -> list[Path]:
     return [files[i] for i in range(len(files))]
 
 
-def _read_pfllib(path: Path) -> tuple[U8, Array]:
-    """One client file: ``data`` = {'x': float32 [n, C, H, W] normalised, 'y': int [n]}."""
+def _read_pfllib(path: Path, allow_pickle: bool) -> tuple[U8, Array]:
+    """One client file: ``data`` = {'x': float32 [n, C, H, W] normalised, 'y': int [n]}, a pickled
+    dict: read only when the user opted in (``allow_pickle``)."""
     try:
-        with np.load(path, allow_pickle=True) as npz:
+        with np.load(path, allow_pickle=allow_pickle) as npz:
             data = npz["data"].item()
         x, y = np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"])
     except Exception as e:  # unpickled content can fail in any way
@@ -73,7 +74,7 @@ def load_pfllib(cfg: DataConfig) -> Dataset:
             f"PFLlib's .npz files under {root} need unpickling; pass --allow-pickle if you trust "
             "these files"
         )
-    parts = [_read_pfllib(f) for f in train + test]
+    parts = [_read_pfllib(f, cfg.allow_pickle) for f in train + test]
     shapes = {x.shape[1:] for x, _ in parts}
     if len(shapes) > 1:
         raise DataError(f"{root}: client files hold images of different shapes {sorted(shapes)}")
