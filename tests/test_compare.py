@@ -22,7 +22,7 @@ import fedrir.algorithms
 import fedrir.api
 from fedrir.cli import add_compare_command
 from fedrir.compare import compare, parse_seeds, run_dir
-from fedrir.config import Config, with_overrides
+from fedrir.config import ALGORITHM_KEYS, Config, with_overrides
 from fedrir.errors import ConfigError, FedrirError
 from fedrir.progress import GridProgress
 from fedrir.results import line_looks, read_metrics
@@ -212,6 +212,67 @@ def test_a_damaged_finished_run_is_named_with_the_fix(
     (cell / "summary.json").write_text('{"final_accuracy": 0.5}')
     with pytest.raises(FedrirError, match=r"damaged \('best_accuracy' is missing\)"):
         compare(settings(grid[0].parent / "cache"), ALGORITHMS, SEEDS, out)
+
+
+def test_a_run_may_differ_from_its_grid_only_in_settings_its_algorithm_never_reads(
+    grid: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid continues past a run recorded under another default of a key its algorithm does
+    not read (the project's grid: `ft_epochs` went from 1 to 10 for FedBABU and FedAvg-FT)."""
+    out = copy_of(grid, tmp_path)
+    forbid(monkeypatch, "run", "resume")
+    config = settings(grid[0].parent / "cache")
+    for algorithm, old, new in (
+        ("fedavg", "ft_epochs = 10", "ft_epochs = 1"),
+        ("fedrir", "prox_mu = 0.01", "prox_mu = 0.5"),
+    ):
+        cell = run_dir(out, algorithm, 0) / "config.toml"
+        cell.write_text(cell.read_text().replace(old, new))
+    assert compare(config, ALGORITHMS, SEEDS, out) == grid[1]
+    cell = run_dir(out, "fedrir", 1)
+    (cell / "config.toml").write_text(
+        (cell / "config.toml").read_text().replace("kl_weight = 0.1", "kl_weight = 0.2")
+    )
+    with pytest.raises(
+        FedrirError, match=rf"{re.escape(str(cell))} differs .*kl_weight: 0.2 there"
+    ):
+        compare(config, ALGORITHMS, SEEDS, out)
+
+
+OTHER_VALUES: dict[str, Any] = {
+    **{"mask_ratio": 0.3, "patch_size": 2, "kl_weight": 0.5, "idm": "none", "idm_weight": 2.0},
+    **{"mcsl": False, "common_init": False, "prox_mu": 0.5, "ft_epochs": 2, "head_epochs": 2},
+    **{"ditto_lambda": 0.5, "apfl_alpha": 0.25, "ala_eta": 0.5, "ala_rand_percent": 50},
+    **{"ala_layer_idx": 1, "dbe_momentum": 0.5, "dbe_kappa": 5.0, "proto_lambda": 0.5},
+    **{"cp_lambda": 1.0, "gpfl_lambda": 0.1, "gpfl_mu": 0.5, "as_align_lr": 0.1},
+    **{"as_align_epochs": 2, "as_align_batch_size": 8},
+}
+"""A valid value other than the default for every algorithm's own setting."""
+
+
+def numbers(config: Config) -> list[tuple[Any, ...]]:
+    history = fedrir.api.run(config, out=None).history
+    return [(r.accuracy, r.loss, r.client_accuracies, r.train) for r in history]
+
+
+@pytest.mark.parametrize("name", list(fedrir.algorithms.ALGORITHMS))
+def test_settings_an_algorithm_does_not_name_leave_its_run_unchanged(
+    name: str, tmp_path: Path
+) -> None:
+    """What lets a grid accept such runs: every other algorithm's setting changed at once gives
+    the same numbers to the last bit (and a setting it names is a key it can read)."""
+    assert set(OTHER_VALUES) == ALGORITHM_KEYS
+    own = fedrir.algorithms.ALGORITHMS[name].settings
+    assert own <= ALGORITHM_KEYS
+    config = settings(tmp_path, algorithm=name, rounds=2)
+    others = {k: v for k, v in OTHER_VALUES.items() if k not in own}
+    assert numbers(config) == numbers(with_overrides(config, others))
+
+
+def test_a_setting_an_algorithm_reads_changes_its_run(tmp_path: Path) -> None:
+    """The check above can fail: FedProx's μ, changed the same way, moves its numbers."""
+    config = settings(tmp_path, algorithm="fedprox", rounds=2)
+    assert numbers(config) != numbers(with_overrides(config, {"prox_mu": 0.5}))
 
 
 def test_unknown_algorithm_or_bad_seeds_fail_before_anything_runs(

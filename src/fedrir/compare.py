@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedrir import api, tables
 from fedrir.algorithms import get_algorithm
 from fedrir.config import (
+    ALGORITHM_KEYS,
     KEYS,
     Config,
     config_to_toml,
@@ -122,7 +123,7 @@ def _claim(
     atomic_write(grid, header + config_to_toml(config))
 
 
-def _differences(stored: Config, config: Config, skip: Sequence[str] = ()) -> list[str]:
+def _differences(stored: Config, config: Config, skip: Collection[str] = ()) -> list[str]:
     return [
         f"{name}: {flat_value(stored, name)!r} there, {flat_value(config, name)!r} here"
         for name in KEYS
@@ -131,9 +132,11 @@ def _differences(stored: Config, config: Config, skip: Sequence[str] = ()) -> li
 
 
 def _check_cell(path: Path, cell: Config) -> None:
-    """Refuse a grid one of whose runs was started (or extended) under other settings."""
+    """Refuse a grid one of whose runs was started (or extended) under other settings; other
+    algorithms' own settings (e.g. a default changed since the run) cannot change it."""
     if (path / CONFIG_FILE).exists():
-        differ = _differences(load_config(path / CONFIG_FILE), cell)
+        unread = ALGORITHM_KEYS - get_algorithm(cell.algorithm).settings
+        differ = _differences(load_config(path / CONFIG_FILE), cell, skip=unread)
         if differ:
             raise FedrirError(
                 f"the run in {path} differs from the grid ({'; '.join(differ)}; was it extended "

@@ -378,6 +378,10 @@ def _keys() -> dict[str, Key]:
 KEYS: dict[str, Key] = _keys()
 """Every configuration key by its (unique) name."""
 
+ALGORITHM_KEYS = frozenset(k for k, key in KEYS.items() if key.section in ("fedrir", "baselines"))
+"""The keys of single algorithms' own settings; each algorithm names those it reads
+(``Algorithm.settings``) and no other can change its runs."""
+
 
 def _coerce(key: Key, value: Any) -> Any:
     want = key.type

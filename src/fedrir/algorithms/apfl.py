@@ -26,6 +26,7 @@ class APFL(GlobalAndPersonal):
     """FedAvg for the global model, a learned per-client mixture with a personal model."""
 
     name = "apfl"
+    settings = frozenset({"apfl_alpha"})
 
     def init_client(self, seed: int, initial: Payload) -> State:
         alpha = torch.tensor(self.config.baselines.apfl_alpha)

@@ -154,6 +154,9 @@ class Algorithm(ABC):
     """Base of every algorithm. Subclasses set ``name`` and implement the abstract methods."""
 
     name: ClassVar[str]
+    settings: ClassVar[frozenset[str]] = frozenset()
+    """The keys of :data:`fedrir.config.ALGORITHM_KEYS` this algorithm reads: the others cannot
+    change its runs (so a run of it in a compare grid may differ from the grid in them)."""
 
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
         self.config = config

@@ -22,6 +22,7 @@ class Ditto(GlobalAndPersonal):
     """FedAvg for the global model, a proximally regularised personal model."""
 
     name = "ditto"
+    settings = frozenset({"ditto_lambda"})
 
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         w, v = self.modules.get_submodule("global"), self.modules.get_submodule("personal")

@@ -57,6 +57,7 @@ class FedALA(Baseline):
     """FedAvg whose clients mix the global model into theirs with learned element-wise weights."""
 
     name = "fedala"
+    settings = frozenset({"ala_eta", "ala_rand_percent", "ala_layer_idx"})
     shared = ("body.", "head.")
     global_model = ""
 

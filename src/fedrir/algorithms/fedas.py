@@ -78,6 +78,7 @@ class FedAS(Baseline):
     """Prototype-aligned global extractor, Fisher-weighted aggregation, fully local evaluation."""
 
     name = "fedas"
+    settings = frozenset({"as_align_lr", "as_align_epochs", "as_align_batch_size"})
     shared = ("body.",)
 
     def init_client(self, seed: int, initial: Payload) -> State:

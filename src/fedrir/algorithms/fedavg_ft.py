@@ -17,4 +17,5 @@ class FedAvgFT(FedAvg):
     """FedAvg, fine-tuned locally before every evaluation."""
 
     name = "fedavg-ft"
+    settings = frozenset({"ft_epochs"})
     fine_tune = True

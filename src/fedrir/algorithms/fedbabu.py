@@ -21,6 +21,7 @@ class FedBABU(Baseline):
     """Shared body trained under a fixed random head; fine-tuned before evaluation."""
 
     name = "fedbabu"
+    settings = frozenset({"ft_epochs"})
     shared = ("body.",)
     fine_tune = True
     global_model = ""

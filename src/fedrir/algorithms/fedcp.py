@@ -86,6 +86,7 @@ class FedCP(Baseline):
     """Features split per sample between a personal and a global head by a shared policy net."""
 
     name = "fedcp"
+    settings = frozenset({"cp_lambda"})
     shared = ("body.", "global_head.", "cpn.")
 
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:

@@ -66,6 +66,7 @@ class FedDBE(Baseline):
     """FedAvg with a personal representation bias and a pull towards the global feature mean."""
 
     name = "feddbe"
+    settings = frozenset({"dbe_momentum", "dbe_kappa"})
     shared = ("body.", "head.")
 
     def _build(self) -> nn.Module:

@@ -62,6 +62,7 @@ class FedProto(Baseline):
     """Personal models that share class prototypes instead of weights."""
 
     name = "fedproto"
+    settings = frozenset({"proto_lambda"})
     shared = ()
 
     def init_server(self, seed: int) -> Payload:

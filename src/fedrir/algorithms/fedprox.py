@@ -20,6 +20,7 @@ class FedProx(FedAvg):
     """FedAvg with a pull towards the round's global model."""
 
     name = "fedprox"
+    settings = frozenset({"prox_mu"})
 
     def _local_train(self, data: ClientData, rng: torch.Generator) -> dict[str, float]:
         params = list(self.modules.parameters())

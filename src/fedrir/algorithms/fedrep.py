@@ -22,6 +22,7 @@ class FedRep(Baseline):
     """Shared body, personal head, trained alternately."""
 
     name = "fedrep"
+    settings = frozenset({"head_epochs"})
     shared = ("body.",)
 
     def _param_groups(self) -> dict[str, list[nn.Parameter]]:

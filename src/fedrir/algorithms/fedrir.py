@@ -52,7 +52,7 @@ from fedrir.algorithms.workspace import (
     module_state,
     seeded_init,
 )
-from fedrir.config import Config
+from fedrir.config import KEYS, Config
 from fedrir.data.types import ClientData
 from fedrir.errors import ConfigError
 from fedrir.models.cnn import Encoder, GaussianMLP, Generator
@@ -98,6 +98,7 @@ class FedRIR(Algorithm):
     """FedRIR behind the common algorithm contract (see the module docstring)."""
 
     name = "fedrir"
+    settings = frozenset(k for k, key in KEYS.items() if key.section == "fedrir")
 
     def __init__(self, config: Config, task: Task, runtime: Runtime) -> None:
         super().__init__(config, task, runtime)

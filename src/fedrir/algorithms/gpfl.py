@@ -79,6 +79,7 @@ class GPFL(Baseline):
     """Shared extractor, CoV and GCE; a personal head on the personally conditioned feature."""
 
     name = "gpfl"
+    settings = frozenset({"gpfl_lambda", "gpfl_mu"})
     shared = ("body.", "gce.", "cov.")
 
     def _build(self) -> nn.Module:
