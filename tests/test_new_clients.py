@@ -289,16 +289,17 @@ def test_compare_tables_carry_the_numbers_and_na() -> None:
     )
     assert old["new_client_accuracy_mean"] is None  # a run from before these numbers
     md = tables.to_markdown(
-        [fedavg, fedper],
+        [fedavg, fedper, old],
         with_overrides(Config(), {"new_clients": 2}),
         [0, 1],
         "test",
         "cmd",
         ("g", "r"),
     )
-    assert (
-        "| fedavg | none | 85.00 ± 7.07 | 85.00 ± 7.07 | 1.00 | 55.00 ± 7.07 | 60.00 ± 14.14 |"
-        in md
-    )
-    assert "| fedper | none | 90.00 | 90.00 | 1.00 | n/a | 40.00 | n/a |" in md
+    assert "| fedavg | 85.00 ± 7.07 | 85.00 ± 7.07 | 1.00 | 55.00 ± 7.07 | 60.00 ± 14.14 |" in md
+    assert "| fedper | 90.00 | 90.00 | 1.00 | n/a | 40.00 | n/a |" in md
+    assert "| old | 90.00 | 90.00 | 1.00 | – | – | – |" in md and "–: the runs' records" in md
+    assert "uplink" not in md and "ratio" not in md  # no codec in this grid: no codec columns
+    plain = tables.to_markdown([fedavg], Config(), [0, 1], "test", "cmd", ("g", "r"))
+    assert "new-client" not in plain.lower() and "| global acc (%) |" in plain  # none held out
     assert "n/a" not in tables.to_csv([fedavg])  # CSV: empty cells

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from fedrir.config import Config
@@ -95,6 +96,7 @@ def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
         "partial_seeds": sum(bool(s.get("final_accuracy_partial")) for s in summaries),
+        "unrecorded": frozenset(n for n in GENERALIZATION if any(n not in s for s in summaries)),
     }
 
 
@@ -106,7 +108,7 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -114,11 +116,59 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def format_mean_std(row: dict[str, Any], name: str) -> str:
     """A table row's ``<name>_mean ± <name>_std`` to two decimals (the mean alone for one seed,
-    n/a where there is no mean)."""
+    n/a where there is no mean, – where a run's records predate the number)."""
     mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+    if name in row.get("unrecorded", ()):
+        return "–"
     if mean is None:
         return "n/a"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def _columns(codecs: bool, new_clients: bool) -> list[Column]:
+    """The Markdown table's columns: title and cell; the codec columns only where a codec is in
+    use, the new-client columns only where clients were held out."""
+
+    def acc(name: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: format_mean_std(r, name)
+
+    return [
+        ("algorithm", lambda r: r["algorithm"] + (" †" if r["partial_seeds"] else "")),
+        *([("uplink", lambda r: r["codec"])] if codecs else []),
+        ("final acc (%)", acc("final_accuracy")),
+        ("best acc (%)", acc("best_accuracy")),
+        ("client spread (%)", lambda r: f"{r['client_accuracy_std']:.2f}"),
+        ("global acc (%)", acc("global_accuracy")),
+        *(
+            [
+                ("new-client acc (%)", acc("new_client_accuracy")),
+                ("new-client zero-shot (%)", acc("new_client_zero_shot_accuracy")),
+            ]
+            if new_clients
+            else []
+        ),
+        ("upload / round (bytes)", lambda r: f"{r['bytes_uploaded_per_round']:,.0f}"),
+        ("upload / round (MB)", lambda r: f"{r['mb_uploaded_per_round']:.3f}"),
+        *(
+            [
+                ("download / round (MB)", lambda r: f"{r['mb_downloaded_per_round']:.3f}"),
+                (
+                    "ratio up / down",
+                    lambda r: f"{r['compression_up']:.1f}× / {r['compression_down']:.1f}×",
+                ),
+            ]
+            if codecs
+            else []
+        ),
+        ("s / round", lambda r: f"{r['seconds_per_round']:.2f}"),
+        *([("codec", lambda r: f"{100 * r['codec_share']:.1f} %")] if codecs else []),
+        ("shared params", lambda r: f"{r['shared_parameters']:,}"),
+        ("private params", lambda r: f"{r['private_parameters']:,}"),
+        ("seeds", lambda r: str(r["seeds"])),
+    ]
 
 
 def to_markdown(
@@ -133,6 +183,37 @@ def to_markdown(
     grid's settings file and its runs folder."""
     grid, runs = files
     d = config.data
+    codecs = config.downlink != "none" or any(r["codec"] != "none" for r in rows)
+    columns = _columns(codecs, config.new_clients > 0)
+    about = [
+        f"Accuracy is personalized accuracy on the clients' own {evaluated_on} data (pooled over "
+        "clients), in %, as mean ± sample std over seeds. Client spread is the std of per-client "
+        "accuracy at the final round, mean over seeds. Global acc is the global model (where a "
+        "method has one) on every client's test data at the final round.",
+    ]
+    if config.new_clients:
+        about.append(
+            f"New-client acc scores the {config.new_clients} clients held out of training after "
+            f"{config.new_client_epochs} epoch(s) of training their private parts on the "
+            "broadcast (zero-shot: before, with the global model)."
+        )
+    about.append("n/a: a method has no such number.")
+    if any(r["unrecorded"] for r in rows):
+        about.append("–: the runs' records predate that number.")
+    if codecs:
+        about.append(
+            "Upload counts the bytes all clients send per round, as encoded by the uplink codec "
+            "(MB = 10^6 bytes); download likewise, by the downlink codec; ratio is how many "
+            "times fewer bytes than without a codec, up / down; codec is the encoding and "
+            "decoding's share of the round time."
+        )
+    else:
+        about.append("Upload counts the bytes all clients send per round (MB = 10^6 bytes).")
+    about.append(
+        "Every method is reported as measured, under the same settings and partitions. Rows are "
+        "sorted by final accuracy, highest first (rows marked †, whose final accuracy covers "
+        "fewer clients, after the others)."
+    )
     lines = [
         f"# fedrir compare: {d.dataset}, {d.partition} partition, {d.clients} clients, "
         f"{config.rounds} rounds",
@@ -141,42 +222,18 @@ def to_markdown(
         "",
         f"Settings: dataset `{d.dataset}` (fraction {d.fraction}), partition `{d.partition}`, "
         f"alpha {d.alpha}, clients {d.clients}, rounds {config.rounds}, "
-        f"downlink `{config.downlink}`, seeds {', '.join(map(str, seeds))}; all settings in "
-        f"`{grid}`, each run's files in `{runs}/<algorithm>[-<codec>]-seed<seed>/`.",
+        + (f"downlink `{config.downlink}`, " if codecs else "")
+        + f"seeds {', '.join(map(str, seeds))}; all settings in `{grid}`, each run's files in "
+        f"`{runs}/<algorithm>{'[-<codec>]' if codecs else ''}-seed<seed>/`.",
         "",
-        f"Accuracy is personalized accuracy on the clients' own {evaluated_on} data (pooled over "
-        "clients), in %, as mean ± sample std over seeds. Client spread is the std of per-client "
-        "accuracy at the final round, mean over seeds. Upload counts the bytes all clients send "
-        "per round, as encoded by the uplink codec (MB = 10^6 bytes); download likewise, by the "
-        "downlink codec; ratio is how many times fewer bytes than without a codec, up / down; "
-        "codec is the encoding and decoding's share of the round time. Every method is reported "
-        "as measured, under the same settings and partitions. Rows are sorted by final accuracy, "
-        "highest first (rows marked †, whose final accuracy covers fewer clients, after the "
-        "others). Global acc is the global model (where a method has one) on every client's test "
-        f"data; new-client acc scores the {config.new_clients} clients held out of training after "
-        f"{config.new_client_epochs} epoch(s) of training their private parts on the broadcast "
-        "(zero-shot: before, with the global model); n/a where a method has no such number.",
+        " ".join(about),
         "",
-        "| algorithm | uplink | final acc (%) | best acc (%) | client spread (%) | global acc (%) "
-        "| new-client acc (%) | new-client zero-shot (%) | upload / round (bytes) "
-        "| upload / round (MB) | download / round (MB) | ratio up / down "
-        "| s / round | codec | shared params | private params | seeds |",
-        "|---|---|" + "---:|" * 15,
+        "| " + " | ".join(title for title, _ in columns) + " |",
+        "|"
+        + "|".join("---" if title in ("algorithm", "uplink") else "---:" for title, _ in columns)
+        + "|",
     ]
-    lines += [
-        f"| {r['algorithm']}{' †' if r['partial_seeds'] else ''} | {r['codec']} "
-        f"| {format_mean_std(r, 'final_accuracy')} "
-        f"| {format_mean_std(r, 'best_accuracy')} "
-        f"| {r['client_accuracy_std']:.2f} | {format_mean_std(r, 'global_accuracy')} "
-        f"| {format_mean_std(r, 'new_client_accuracy')} "
-        f"| {format_mean_std(r, 'new_client_zero_shot_accuracy')} "
-        f"| {r['bytes_uploaded_per_round']:,.0f} "
-        f"| {r['mb_uploaded_per_round']:.3f} | {r['mb_downloaded_per_round']:.3f} "
-        f"| {r['compression_up']:.1f}× / {r['compression_down']:.1f}× "
-        f"| {r['seconds_per_round']:.2f} | {100 * r['codec_share']:.1f} % "
-        f"| {r['shared_parameters']:,} | {r['private_parameters']:,} | {r['seeds']} |"
-        for r in rows
-    ]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     partial = [
         f"{r['algorithm']} ({r['partial_seeds']} of {r['seeds']})"
         for r in rows
