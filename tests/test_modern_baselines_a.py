@@ -172,13 +172,12 @@ def test_fedproto_sends_prototypes_and_keeps_the_whole_model(
 ) -> None:
     algo = make("fedproto", data)
     server = algo.init_server(1)
-    assert set(server) == {"protos", "counts"}
+    # the initial model rides with the first broadcast only: every client starts from it
+    assert set(server) == {"protos", "counts"} | ALL
     assert server["protos"].shape == (K, D) and not server["counts"].any()
     a, b = algo.init_client(2, server), algo.init_client(3, server)
-    # each client's model from its own seed (no model travels, so there is none to copy)
-    assert model_keys(a) == ALL and not torch.equal(
-        a["model/body.fc.weight"], b["model/body.fc.weight"]
-    )
+    assert model_keys(a) == ALL and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["model/body.fc.weight"], server["body.fc.weight"])
     update = algo.local_update(server, a, client, rng(0))
     assert set(update.payload) == {"protos", "counts"}
     assert set(update.state) == {f"model/{k}" for k in ALL} | opt_keys("local", PARAMS)
@@ -187,7 +186,9 @@ def test_fedproto_sends_prototypes_and_keeps_the_whole_model(
     assert counts.dtype == torch.int64 and int(counts.sum()) == client.num_train // 50 * 50
     assert set(torch.nonzero(counts).flatten().tolist()) == set(client.train_y.tolist())
     assert algo.parameter_counts()["shared"] == 0
-    assert payload_bytes(update.payload) == payload_bytes(server) == K * D * 4 + K * 8
+    after = algo.aggregate(server, [(update.payload, update.num_examples)])
+    assert set(after) == {"protos", "counts"}  # from round 2 on, prototypes alone travel
+    assert payload_bytes(update.payload) == payload_bytes(after) == K * D * 4 + K * 8
 
 
 # ----------------------------------------------------------------------------- mechanisms
@@ -386,9 +387,12 @@ def test_bytes_are_those_of_what_travels(grid: tuple[Path, list[Any]]) -> None:
     assert (dbe[0]["bytes_up"], dbe[0]["bytes_down"]) == (four * (model + 4 * D), four * model)
     assert all(r["bytes_up"] == four * model for r in dbe[1:])
     assert all(r["bytes_down"] == four * (model + 4 * D) for r in dbe[1:])
-    assert all(
-        r["bytes_up"] == r["bytes_down"] == four * (K * D * 4 + K * 8) for r in rows["fedproto"]
-    )
+    # FedProto: prototypes and their counts, and the initial model once, down in round 1
+    protos = four * (K * D * 4 + K * 8)
+    proto = rows["fedproto"]
+    assert all(r["bytes_up"] == protos for r in proto)
+    assert proto[0]["bytes_down"] == protos + four * model
+    assert all(r["bytes_down"] == protos for r in proto[1:])
 
 
 class Crash(Exception):

@@ -5,7 +5,8 @@ The whole model travels and is averaged as in FedAvg (parameters and BatchNorm b
 differs is how a client takes the global model Θ in: instead of overwriting its local model θ, it
 keeps the lower layers of Θ and, for the last ``ala_layer_idx`` parameter tensors (0: all of them),
 starts local training from θ + (Θ − θ) ⊙ W, with element-wise weights W ∈ [0, 1] learned on a
-random contiguous ``ala_rand_percent`` % slice of its training data: per batch,
+random contiguous ``ala_rand_percent`` % slice of its training data, in batches (the last partial
+one dropped, as PFLlib's loader does, unless it is the only one): per batch,
 W ← clip(W − η · ∂L/∂W, 0, 1), where ∂L/∂W = ∂L/∂θ̂ ⊙ (Θ − θ) (η = ``ala_eta``). W starts at ones
 and persists on the client. The first time W is learned it is trained until the standard deviation
 of the last 10 epoch losses falls below 0.1; afterwards, one epoch per round. A client's first
@@ -123,6 +124,8 @@ class FedALA(Baseline):
         start = torch.randint(data.num_train - size + 1, (1,), generator=rng, device=rng.device)
         rows = torch.arange(size, device=rng.device) + start
         slices = rows.split(self.config.train.batch_size)
+        if len(slices) > 1 and len(slices[-1]) < self.config.train.batch_size:
+            slices = slices[:-1]  # PFLlib's loader drops the last partial batch (drop_last)
         eta = self.config.baselines.ala_eta
         losses: list[float] = []
         for _ in range(MAX_START_EPOCHS if start_phase else 1):

@@ -107,6 +107,15 @@ class FedCP(Baseline):
             }
         )
 
+    def init_client(self, seed: int, initial: Payload) -> State:
+        """The personal head starts as a copy of the initial global head: in PFLlib every client
+        starts from one model, whose global head is a copy of its head."""
+        return {
+            f"model/head.{k.removeprefix('global_head.')}": v
+            for k, v in initial.items()
+            if k.startswith("global_head.")
+        }
+
     def _param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"local": [p for p in self.modules.parameters() if p.requires_grad]}
 

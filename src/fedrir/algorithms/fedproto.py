@@ -14,7 +14,9 @@ Payloads: ``protos`` (classes × feature width) and ``counts`` (per class), both
 counted are those of the prototypes and their weights. Client state: the whole model (``model/``)
 and its optimizer state. Defaults and details follow PFLlib (``clientproto.py``,
 ``serverproto.py``; ``main.py``: ``--lamda 1.0``); every client starts from the same initial
-model, as PFLlib's deep copies do. Where this module differs, and why:
+model, as PFLlib's deep copies of one model do: the server's initial payload carries it, so it is
+broadcast once, in round 1 (counted in that round's bytes down), and never again. Where this
+module differs, and why:
 
 - PFLlib averages the uploaded prototypes of a class without weights; here they are weighted by
   their sample counts, as the paper's aggregation is (and so the global prototype is the mean of
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 from fedrir.algorithms.base import Payload, State, Update
 from fedrir.algorithms.baseline import Baseline, Classifier, scored
-from fedrir.algorithms.workspace import Step
+from fedrir.algorithms.workspace import Step, module_state, seeded_init
 from fedrir.data.types import ClientData
 
 PROTOS, COUNTS = "protos", "counts"
@@ -66,14 +68,16 @@ class FedProto(Baseline):
     shared = ()
 
     def init_server(self, seed: int) -> Payload:
-        """No prototype yet: zeros, each with a count of 0."""
+        """No prototype yet (zeros, each with a count of 0), and the initial model of every
+        client; aggregation keeps only the prototypes, so the model is broadcast once."""
         k, d = self.task.num_classes, self.config.train.embed_dim
-        return {PROTOS: torch.zeros(k, d), COUNTS: torch.zeros(k, dtype=torch.int64)}
+        model = module_state(seeded_init(seed, self._build))
+        return {PROTOS: torch.zeros(k, d), COUNTS: torch.zeros(k, dtype=torch.int64)} | model
 
     def init_client(self, seed: int, initial: Payload) -> State:
-        """Each client's model from its own seed: nothing of a model travels, so there is no
-        common initial model to copy (PFLlib deep-copies one model into every client)."""
-        return super().init_client(seed, initial)
+        """The initial model of the server's payload (PFLlib deep-copies one model into every
+        client: their representations start in one space, where prototypes can be compared)."""
+        return {f"model/{k}": v for k, v in initial.items() if k not in (PROTOS, COUNTS)}
 
     def _load(self, payload: Payload, state: State) -> None:
         self.protos = payload[PROTOS].to(self.runtime.device)

@@ -26,6 +26,8 @@ round's training and in evaluation (zero before the first round). Where it diffe
 - BatchNorm buffers travel with the extractor, as for every baseline here (PFLlib moves parameters
   only). Class frequencies count every training sample (PFLlib's loader drops the last partial
   batch).
+- A client's personal head starts from its own seed (PFLlib copies one model into every client);
+  the head is never averaged, so only its starting point differs.
 - A client that does not train in a round keeps its g and p; PFLlib recomputes them on every client
   from its previous GCE (identical under full participation).
 
