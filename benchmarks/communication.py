@@ -150,8 +150,8 @@ def section(found: dict[str, Runs], command: str, args: argparse.Namespace, base
         f"Produced by `{command}`; each dataset is one `fedrir compare --codecs` grid under "
         f"`{args.out}/<dataset>-dir/` (its `{RESULTS_CSV}` has every column), and "
         f"`{args.out / PLOT}` plots accuracy against cumulative MB uploaded.",
-        f"Scale as above (a stratified {base.data.fraction:.0%} of each dataset, 20 clients, Dirichlet "
-        f"α = {base.data.alpha}, at least {base.data.min_samples} samples per client, "
+        f"Scale as above (a stratified {base.data.fraction:.0%} of each dataset, 20 clients, "
+        f"Dirichlet α = {base.data.alpha}, at least {base.data.min_samples} samples per client, "
         f"{base.rounds} rounds, {base.threads or 'all'} thread(s) per run); the downlink is not "
         "compressed. Upload bytes are the encoded "
         "bytes (values, indices, scales, headers) all clients send per round; ratio = bytes "
