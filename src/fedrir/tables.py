@@ -63,7 +63,8 @@ def optional_mean_std(summaries: list[dict[str, Any]], key: str) -> tuple[float 
 
 def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The row of ``algorithm`` with uplink ``codec`` over its seeds' summaries (a run from before
-    codecs existed has no raw byte counts: it sent them as they were)."""
+    codecs existed has no raw byte counts: it sent them as they were). Beside :data:`COLUMNS`,
+    ``unrecorded`` names the generalization numbers some run's summary predates."""
     final_mean, final_std = mean_std([100 * s["final_accuracy"] for s in summaries])
     best_mean, best_std = mean_std([100 * s["best_accuracy"] for s in summaries])
     up = statistics.fmean(s["bytes_uploaded_per_round"] for s in summaries)
@@ -96,7 +97,7 @@ def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
         "partial_seeds": sum(bool(s.get("final_accuracy_partial")) for s in summaries),
-        "unrecorded": frozenset(n for n in GENERALIZATION if any(n not in s for s in summaries)),
+        "unrecorded": tuple(n for n in GENERALIZATION if any(n not in s for s in summaries)),
     }
 
 
