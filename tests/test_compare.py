@@ -20,6 +20,10 @@ import pytest
 
 import fedrir.algorithms
 import fedrir.api
+from fedrir.algorithms.base import Update
+from fedrir.algorithms.baseline import Baseline
+from fedrir.algorithms.fedavg import FedAvg
+from fedrir.algorithms.local import Local
 from fedrir.cli import add_compare_command
 from fedrir.compare import compare, parse_seeds, run_dir
 from fedrir.config import ALGORITHM_KEYS, Config, with_overrides
@@ -237,6 +241,66 @@ def test_a_run_may_differ_from_its_grid_only_in_settings_its_algorithm_never_rea
         FedrirError, match=rf"{re.escape(str(cell))} differs .*kl_weight: 0.2 there"
     ):
         compare(config, ALGORITHMS, SEEDS, out)
+
+
+def diverge_on(monkeypatch: pytest.MonkeyPatch, cls: type, seeds: set[int]) -> None:
+    """Make ``cls``'s clients report a NaN training loss in every round of runs with ``seeds``."""
+    update = Baseline.local_update
+
+    def nan_loss(self: Baseline, *args: Any) -> Update:
+        result = update(self, *args)
+        if self.config.seed in seeds:
+            result.metrics["train_loss"] = float("nan")
+        return result
+
+    monkeypatch.setattr(cls, "local_update", nan_loss)
+
+
+def test_a_diverged_run_is_named_not_reported_and_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedAvg diverges in seed 1, Local in every seed: the grid goes on, FedAvg's row covers
+    seed 0 and is ranked last, Local has no row, and a rerun starts nothing."""
+    config, out = settings(tmp_path / "cache"), tmp_path / "grid"
+    algorithms = ["fedavg", "local", "fedper"]
+    with monkeypatch.context() as patch:
+        diverge_on(patch, FedAvg, {1})
+        diverge_on(patch, Local, {0, 1})
+        rows = compare(config, algorithms, SEEDS, out)
+    assert [r["algorithm"] for r in rows] == ["fedper", "fedavg"]
+    fedper, fedavg = rows
+    assert (fedper["seeds"], fedper["diverged_seeds"]) == (2, 0)
+    assert (fedavg["seeds"], fedavg["diverged_seeds"]) == (1, 1)
+    assert fedavg["final_accuracy_mean"] == 100 * summary(out, "fedavg", 0)["final_accuracy"]
+    for algorithm, seed in (("fedavg", 1), ("local", 0), ("local", 1)):
+        cell = run_dir(out, algorithm, seed)
+        record = json.loads((cell / "diverged.json").read_text())
+        assert record["round"] == 1 and "train_loss is nan" in record["error"]
+        assert not (cell / "summary.json").exists()
+    markdown = (out / "results.md").read_text()
+    assert "| fedavg ‡ |" in markdown and "| local" not in markdown
+    assert "Diverged: fedavg seed 1 in round 1; local seed 0 in round 1, seed 1 in round 1." in (
+        markdown
+    )
+    with open(out / "results.csv", newline="") as f:
+        table = {r["algorithm"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"fedper", "fedavg"} and table["fedavg"]["diverged_seeds"] == "1"
+
+    forbid(monkeypatch, "run", "resume")  # unpatched now, yet nothing is retried
+    assert compare(config, algorithms, SEEDS, out) == rows
+    (run_dir(out, "local", 0) / "diverged.json").write_text("{")
+    with pytest.raises(FedrirError, match=r"local-seed0/diverged.json is damaged .*delete it"):
+        compare(config, algorithms, SEEDS, out)
+
+
+def test_a_grid_whose_every_run_diverged_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    diverge_on(monkeypatch, Local, {0})
+    out = tmp_path / "grid"
+    with pytest.raises(FedrirError, match=r"every run of the grid in .*grid diverged"):
+        compare(settings(tmp_path / "cache"), ["local"], [0], out)
+    assert (run_dir(out, "local", 0) / "diverged.json").exists()
 
 
 OTHER_VALUES: dict[str, Any] = {

@@ -6,7 +6,10 @@ test every algorithm on the same clients' data. Each run is an ordinary run fold
 ``DIR/runs/<algorithm>-seed<seed>/`` (``<algorithm>-<codec>-seed<seed>/`` when the grid compares
 codecs, e.g. ``fedavg-topk0.01+int8-seed0``), resumable on its own. ``DIR/compare.toml``
 records the grid's settings, so that rerunning the command continues the grid (finished runs are
-kept, unfinished ones resumed) and never mixes results obtained under different settings.
+kept, unfinished ones resumed) and never mixes results obtained under different settings. A run
+that diverges (stops at a non-finite number) is recorded as such in its folder
+(``diverged.json``), is not retried when the grid continues (it would diverge again: runs are
+deterministic), and is named, not reported, under the table; the grid goes on.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from fedrir.config import (
     with_overrides,
 )
 from fedrir.engine.codecs import parse_codec
-from fedrir.errors import ConfigError, FedrirError
+from fedrir.errors import ConfigError, Diverged, FedrirError
 from fedrir.lock import contents
 from fedrir.progress import GridProgress
 from fedrir.results import RoundRecord, atomic_write, plot_curves, read_metrics
 from fedrir.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, make_out_dir, writing
 
-GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES = (
+GRID, RUNS, RESULTS_CSV, RESULTS_MD, CURVES, DIVERGED = (
     "compare.toml",
     "runs",
     "results.csv",
     "results.md",
     "curves.png",
+    "diverged.json",
 )
 PER_RUN = ("algorithm", "seed", "uplink")
 """Keys the grid sets per run; every other key is shared by all runs of a compare."""
@@ -145,18 +149,38 @@ def _check_cell(path: Path, cell: Config) -> None:
 
 
 def _run_one(config: Config, path: Path, bar: GridProgress, offset: int) -> None:
-    """Run, continue, or (when finished before) skip one cell of the grid."""
+    """Run, continue, or (when finished or diverged before) skip one cell of the grid; a run that
+    diverges is recorded in its folder."""
     bar.start(path.name.rpartition("-seed")[0], config.seed)
-    if not (path / SUMMARY_FILE).exists():
+    if not (path / SUMMARY_FILE).exists() and _diverged_in(path) is None:
 
         def on_round(record: RoundRecord | None, r: int) -> None:
             bar.ran(offset + r, record)
 
-        if (path / CONFIG_FILE).exists():
-            api.resume(path, on_round=on_round)
-        else:
-            api.run(config, path, on_round=on_round)
+        try:
+            if (path / CONFIG_FILE).exists():
+                api.resume(path, on_round=on_round)
+            else:
+                api.run(config, path, on_round=on_round)
+        except Diverged as e:
+            atomic_write(path / DIVERGED, json.dumps({"round": e.round, "error": str(e)}) + "\n")
+            bar.note(f"{e}: recorded in {path / DIVERGED}; the grid goes on")
     bar.skip_to(offset + config.rounds)
+
+
+def _diverged_in(path: Path) -> int | None:
+    """The round in which the run in ``path`` diverged, or None if it has not."""
+    try:
+        record = json.loads((path / DIVERGED).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise FedrirError(
+            f"{path / DIVERGED} is damaged ({e}); delete it to redo that run"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+        raise FedrirError(f"{path / DIVERGED} names no round; delete it to redo that run")
+    return record["round"]
 
 
 SUMMARY_NUMBERS = (
@@ -262,19 +286,42 @@ def _compare(
     finally:
         bar.close()
 
-    finished = {(a, c, s): _finished(where(a, c, s)) for a, c, s in grid}
-    summaries = {cell: summary for cell, (summary, _) in finished.items()}
+    stops = {cell: _diverged_in(where(*cell)) for cell in grid}
+    finished = {cell: _finished(where(*cell)) for cell in grid if stops[cell] is None}
+
+    def name(a: str, c: str) -> str:
+        return f"{a} {c}" if labelled else a
+
+    ran = {(a, c): [finished[a, c, s] for s in seeds if (a, c, s) in finished] for a, c in pairs}
+    diverged = {
+        name(a, c): [(s, r) for s in seeds if (r := stops[a, c, s]) is not None] for a, c in pairs
+    }
     rows = tables.rank(
-        [tables.algorithm_row(a, c, [summaries[a, c, s] for s in seeds]) for a, c in pairs]
+        [
+            tables.algorithm_row(a, c, [summary for summary, _ in runs], len(diverged[name(a, c)]))
+            for (a, c), runs in ran.items()
+            if runs
+        ]
     )
-    evaluated_on = summaries[grid[0]]["evaluated_on"]
+    if not rows:
+        raise FedrirError(f"every run of the grid in {path} diverged; try a lower --lr")
+    evaluated_on = next(iter(finished.values()))[0]["evaluated_on"]
     command = command or default_command(path, algorithms, seeds, codecs)
     atomic_write(path / RESULTS_CSV, tables.to_csv(rows))
-    markdown = tables.to_markdown(rows, config, seeds, evaluated_on, command, (GRID, RUNS))
+    markdown = tables.to_markdown(
+        rows,
+        config,
+        seeds,
+        evaluated_on,
+        command,
+        (GRID, RUNS),
+        {label: runs for label, runs in diverged.items() if runs},
+    )
     atomic_write(path / RESULTS_MD, markdown)
     curves = {
-        (f"{a} {c}" if labelled else a): tables.mean_curve([finished[a, c, s][1] for s in seeds])
-        for a, c in pairs
+        name(a, c): tables.mean_curve([metrics for _, metrics in runs])
+        for (a, c), runs in ran.items()
+        if runs
     }
     d = config.data
     plot_curves(

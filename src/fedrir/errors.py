@@ -11,3 +11,11 @@ class ConfigError(FedrirError, ValueError):
 
 class DataError(FedrirError):
     """A dataset that is missing, corrupt, or cannot be partitioned as asked."""
+
+
+class Diverged(FedrirError):
+    """A run stopped at a non-finite number in round ``round`` (its last checkpoint is kept)."""
+
+    def __init__(self, round_: int, message: str) -> None:
+        super().__init__(message)
+        self.round = round_

@@ -73,5 +73,10 @@ class GridProgress:
             self.bar.set_postfix_str(f"{self.run} acc {100 * record.accuracy:.2f}%")
         self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (nothing when the bar is off)."""
+        if not self.bar.disable:
+            self.bar.write(f"fedrir: {text}", file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()

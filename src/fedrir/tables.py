@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedrir.config import Config
@@ -39,15 +39,17 @@ COLUMNS = (
     "private_parameters",
     "seeds",
     "partial_seeds",
+    "diverged_seeds",
 )
 """One row per algorithm and uplink codec. Accuracies are in %; ``*_std`` over seeds is the sample
 std (None for a single seed); ``client_accuracy_std`` is the final round's spread across clients,
 mean over seeds; bytes are the encoded bytes (MB = 10^6 bytes), ``compression_*`` how many times
 fewer than without a codec, ``codec_share`` the codecs' share of the run's round time;
 ``partial_seeds`` counts the seeds whose final accuracy covers fewer clients than the federation
-(clients that dropped out): such a row is not ranked with the others. The global and new-client
-accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a method has no such number
-(or a run predates them)."""
+(clients that dropped out) and ``diverged_seeds`` the seeds whose run stopped at a non-finite
+number (the row's numbers are over the others): such rows are not ranked with the others. The
+global and new-client accuracies (see :data:`fedrir.results.GENERALIZATION`) are None where a
+method has no such number (or a run predates them)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -61,10 +63,13 @@ def optional_mean_std(summaries: list[dict[str, Any]], key: str) -> tuple[float 
     return mean_std(present) if len(present) == len(values) else (None, None)
 
 
-def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row of ``algorithm`` with uplink ``codec`` over its seeds' summaries (a run from before
-    codecs existed has no raw byte counts: it sent them as they were). Beside :data:`COLUMNS`,
-    ``unrecorded`` names the generalization numbers some run's summary predates."""
+def algorithm_row(
+    algorithm: str, codec: str, summaries: list[dict[str, Any]], diverged: int = 0
+) -> dict[str, Any]:
+    """The row of ``algorithm`` with uplink ``codec`` over its finished seeds' summaries (a run
+    from before codecs existed has no raw byte counts: it sent them as they were), ``diverged``
+    more seeds having stopped at a non-finite number. Beside :data:`COLUMNS`, ``unrecorded``
+    names the generalization numbers some run's summary predates."""
     final_mean, final_std = mean_std([100 * s["final_accuracy"] for s in summaries])
     best_mean, best_std = mean_std([100 * s["best_accuracy"] for s in summaries])
     up = statistics.fmean(s["bytes_uploaded_per_round"] for s in summaries)
@@ -97,14 +102,19 @@ def algorithm_row(algorithm: str, codec: str, summaries: list[dict[str, Any]]) -
         "private_parameters": summaries[0]["parameters"]["private"],
         "seeds": len(summaries),
         "partial_seeds": sum(bool(s.get("final_accuracy_partial")) for s in summaries),
+        "diverged_seeds": diverged,
         "unrecorded": tuple(n for n in GENERALIZATION if any(n not in s for s in summaries)),
     }
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows by final accuracy, highest first; rows with a partial final accuracy after all the
-    others (their accuracies cover fewer clients: not comparable)."""
-    return sorted(rows, key=lambda r: (r["partial_seeds"] > 0, -r["final_accuracy_mean"]))
+    """Rows by final accuracy, highest first; rows with a partial final accuracy or a diverged
+    seed after all the others (their accuracies cover fewer clients or seeds: not comparable)."""
+    return sorted(rows, key=lambda r: (_unranked(r), -r["final_accuracy_mean"]))
+
+
+def _unranked(row: dict[str, Any]) -> bool:
+    return row["partial_seeds"] > 0 or row["diverged_seeds"] > 0
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -137,7 +147,14 @@ def _columns(codecs: bool, new_clients: bool) -> list[Column]:
         return lambda r: format_mean_std(r, name)
 
     return [
-        ("algorithm", lambda r: r["algorithm"] + (" †" if r["partial_seeds"] else "")),
+        (
+            "algorithm",
+            lambda r: (
+                r["algorithm"]
+                + (" †" if r["partial_seeds"] else "")
+                + (" ‡" if r["diverged_seeds"] else "")
+            ),
+        ),
         *([("uplink", lambda r: r["codec"])] if codecs else []),
         ("final acc (%)", acc("final_accuracy")),
         ("best acc (%)", acc("best_accuracy")),
@@ -179,9 +196,11 @@ def to_markdown(
     evaluated_on: str,
     command: str,
     files: tuple[str, str],
+    diverged: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> str:
     """The table as Markdown, headed by the grid's command and settings; ``files`` names the
-    grid's settings file and its runs folder."""
+    grid's settings file and its runs folder, ``diverged`` the (seed, round) where each diverged
+    run of a row stopped (a row none of whose seeds finished is not in ``rows``)."""
     grid, runs = files
     d = config.data
     codecs = config.downlink != "none" or any(r["codec"] != "none" for r in rows)
@@ -212,8 +231,8 @@ def to_markdown(
         about.append("Upload counts the bytes all clients send per round (MB = 10^6 bytes).")
     about.append(
         "Every method is reported as measured, under the same settings and partitions. Rows are "
-        "sorted by final accuracy, highest first (rows marked †, whose final accuracy covers "
-        "fewer clients, after the others)."
+        "sorted by final accuracy, highest first (rows marked † or ‡, whose numbers cover fewer "
+        "clients or seeds, after the others)."
     )
     lines = [
         f"# fedrir compare: {d.dataset}, {d.partition} partition, {d.clients} clients, "
@@ -245,6 +264,17 @@ def to_markdown(
             "",
             "† Not ranked: the final accuracy covers fewer clients than the federation (clients "
             f"dropped out) in some seeds: {', '.join(partial)}. Listed after the complete rows.",
+        ]
+    if diverged:
+        stops = "; ".join(
+            f"{name} " + ", ".join(f"seed {seed} in round {r}" for seed, r in runs)
+            for name, runs in diverged.items()
+        )
+        lines += [
+            "",
+            "‡ Not ranked: runs that diverged (stopped at a non-finite number) are not reported; "
+            f"a row's numbers are over its other seeds, and a method none of whose seeds "
+            f"finished has no row. Diverged: {stops}.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fedrir.algorithms.base import Evaluation, NewClientEvaluation, Payload
-from fedrir.errors import FedrirError
+from fedrir.errors import Diverged
 from fedrir.results import RoundRecord, generalization, pooled, weighted_metrics
 
 
@@ -149,10 +149,11 @@ def ratio(raw: int, encoded: int) -> float:
     return raw / encoded if encoded else 1.0
 
 
-def diverged(round_: int, what: str) -> FedrirError:
-    return FedrirError(
+def diverged(round_: int, what: str) -> Diverged:
+    return Diverged(
+        round_,
         f"the run diverged in round {round_}: {what}; the last checkpoint is kept; start a new "
-        "run with a lower --lr"
+        "run with a lower --lr",
     )
 
 
