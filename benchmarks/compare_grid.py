@@ -8,8 +8,9 @@ seeds measured so far). ``RESULTS.md`` is written once every grid holds every se
 local steps per client and round) FedRIR's is still climbing at round 40 (93.3 % on MNIST dir,
 seed 0, against 98.0 % at round 100), and from round 80 to 100 no method's moves by more than two
 points; the global models of FedAvg and FedProx are the slowest. The records of finished
-runs under ``benchmarks/compare/`` are committed (checkpoints are not, nor runs without
-``summary.json``), so the grid continues on another machine from where the last commit left it.
+and diverged runs under ``benchmarks/compare/`` are committed (checkpoints are not, nor runs
+with neither ``summary.json`` nor ``diverged.json``), so the grid continues on another machine
+from where the last commit left it.
 
     python benchmarks/compare_grid.py                     # the committed table
     python benchmarks/compare_grid.py --seeds 0 --rounds 3 --fraction 0.02 --min-samples 20 \\
