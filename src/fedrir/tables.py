@@ -273,7 +273,7 @@ def to_markdown(
         lines += [
             "",
             "‡ Not ranked: runs that diverged (stopped at a non-finite number) are not reported; "
-            f"a row's numbers are over its other seeds, and a method none of whose seeds "
+            "a row's numbers are over its other seeds, and a method none of whose seeds "
             f"finished has no row. Diverged: {stops}.",
         ]
     return "\n".join(lines) + "\n"
