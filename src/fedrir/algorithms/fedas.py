@@ -31,7 +31,13 @@ in evaluation mode (BatchNorm running statistics, untouched) as there. Where it 
   with fp32 alignment, diverged in round 72 too (client 6). With the project's Adam-trained
   clients the Fisher traces grow over the rounds (MNIST ``pat``, seed 0: from about 10 to 200)
   and accuracy peaks early (98.7 % at round 20, 94.1 % at round 100); the grid reports it as
-  measured, with PFLlib's alignment settings.
+  measured, with PFLlib's alignment settings. Resumed from that Fashion-MNIST run's round-70
+  checkpoint, the first non-finite number is client 6's alignment loss (round 72). Two other
+  suspects do not make it stable (resumed from the same checkpoint): with the alignment in
+  training mode (BatchNorm on batch statistics) the run finishes but the clients' mean Fisher
+  trace reaches 5 083 and accuracy falls to 78.1 % (round 90; 89.4 % at round 100), and with the
+  extractors averaged by sample counts instead of Fisher traces it diverges in round 75 (client
+  7's alignment loss 4e20).
 
 New clients: no zero-shot evaluation (the head is the client's own); a new client takes the
 broadcast extractor as its own and trains its head on it, the extractor frozen.
